@@ -1,0 +1,1 @@
+"""Turning text into batches: tokenizers, the built-in world, packing."""

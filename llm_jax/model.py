@@ -1,0 +1,377 @@
+"""The transformer: one frozen config, pure functions over a params PyTree.
+
+    params = init(config, rng)
+    logits = apply(config, params, tokens)                     # [B, T, V]
+    hidden = forward(config, params, tokens)                   # [B, T, D]
+    logits, cache = apply_with_cache(config, params, tokens, cache)   # decoding
+
+The model returns activations; losses live in `llm_jax.losses` and heads are
+small functions here (`lm_logits`, `scalar_head`), so six objectives share one
+forward pass without branches in it.
+
+Letters used in shapes and einsums:
+    B batch, T query time, S key time (T, or the cache length), D d_model,
+    N query heads, G key/value heads (N % G == 0, grouped-query attention),
+    H head size, F MLP hidden size, V vocab, L layers.
+
+Params (layers stacked on a leading L axis so they run under `lax.scan`):
+    embed [V, D]; pos_embed [max_len, D] (learned positions only)
+    layers/attn_norm/{scale[, bias]} [L, D]
+    layers/attn/{q [L, D, N, H], k [L, D, G, H], v [L, D, G, H], o [L, N, H, D]}
+    layers/mlp_norm/{scale[, bias]} [L, D]
+    layers/mlp/{up [L, D, F], gate [L, D, F] (SwiGLU only), down [L, F, D]}
+    (with use_bias: q_bias [L, N, H], k_bias/v_bias [L, G, H], o_bias [L, D],
+     up_bias/gate_bias [L, F], down_bias [L, D])
+    final_norm/{scale[, bias]} [D]; lm_head [D, V] (untied embeddings only)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import ModelConfig
+from llm_jax.sharding import constrain_activations, gather_embedding_table
+
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------
+# Init
+
+
+def init(config: ModelConfig, rng: jax.Array) -> Params:
+    """Random params: N(0, init_std) matrices, output projections scaled by
+    1/sqrt(2L) (GPT-2) so the residual stream's variance does not grow with depth."""
+    config.validate()
+    c = config
+    L, D, N, G, H, F, V = (c.num_layers, c.d_model, c.num_heads, c.kv_heads, c.head_size,
+                           c.d_ff, c.vocab_size)
+    pdt = jnp.dtype(c.param_dtype)
+    keys = iter(jax.random.split(rng, 16))
+
+    def normal(shape, std=c.init_std):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(pdt)
+
+    def norm_params(*lead):
+        p = {"scale": jnp.ones((*lead, D), pdt)}
+        if c.norm == "layernorm":
+            p["bias"] = jnp.zeros((*lead, D), pdt)
+        return p
+
+    out_std = c.init_std / math.sqrt(2 * L)
+    attn = {"q": normal((L, D, N, H)), "k": normal((L, D, G, H)), "v": normal((L, D, G, H)),
+            "o": normal((L, N, H, D), out_std)}
+    mlp = {"up": normal((L, D, F)), "down": normal((L, F, D), out_std)}
+    if c.mlp == "swiglu":
+        mlp["gate"] = normal((L, D, F))
+    if c.use_bias:
+        attn.update(q_bias=jnp.zeros((L, N, H), pdt), k_bias=jnp.zeros((L, G, H), pdt),
+                    v_bias=jnp.zeros((L, G, H), pdt), o_bias=jnp.zeros((L, D), pdt))
+        mlp.update(up_bias=jnp.zeros((L, F), pdt), down_bias=jnp.zeros((L, D), pdt))
+        if c.mlp == "swiglu":
+            mlp["gate_bias"] = jnp.zeros((L, F), pdt)
+
+    params: Params = {
+        "embed": normal((V, D)),
+        "layers": {"attn_norm": norm_params(L), "attn": attn, "mlp_norm": norm_params(L), "mlp": mlp},
+        "final_norm": norm_params(),
+    }
+    if c.positions == "learned":
+        params["pos_embed"] = normal((c.max_len, D))
+    if not c.tie_embeddings:
+        params["lm_head"] = normal((D, V))
+    return params
+
+
+def count_params(params: Params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+
+
+def norm(config: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
+    """LayerNorm or RMSNorm over D, computed in float32 for stability."""
+    xf = x.astype(jnp.float32)
+    if config.norm == "layernorm":
+        xf = xf - xf.mean(-1, keepdims=True)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + config.norm_eps)
+    y = y * p["scale"].astype(jnp.float32)
+    if "bias" in p:
+        y = y + p["bias"].astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (RoFormer), half-split layout as in Llama/HF.
+
+    x: [B, T, heads, H]; positions: [B, T]."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def sinusoidal(positions: jax.Array, d_model: int) -> jax.Array:
+    """Fixed sin/cos embeddings (Vaswani et al. 2017): [B, T] -> [B, T, D]."""
+    i = jnp.arange(d_model // 2, dtype=jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] / (10_000.0 ** (2 * i / d_model))
+    out = jnp.zeros((*positions.shape, d_model), jnp.float32)
+    out = out.at[..., 0::2].set(jnp.sin(angles))
+    return out.at[..., 1::2].set(jnp.cos(angles[..., : d_model - d_model // 2]))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+              causal: bool = False, scale: float | None = None, impl: str = "auto") -> jax.Array:
+    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+
+    q: [B, T, N, H]; k, v: [B, S, G, H]; mask: bool [B, 1, T, S] (True = may attend)
+    or None with `causal` for the plain causal case. Returns [B, T, N, H].
+
+    "auto" asks for cuDNN flash attention on GPUs when the compute dtype is 16-bit
+    and no explicit mask is needed (cuDNN takes causal/padding masks only); XLA's
+    implementation everywhere else (CPU, TPU, masked/packed batches).
+    """
+    if impl == "auto":
+        on_gpu = jax.default_backend() == "gpu"
+        impl = "cudnn" if (on_gpu and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
+                                        implementation=impl)
+
+
+def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _linear(x, w, b=None, spec="btd,df->btf"):
+    y = jnp.einsum(spec, x, w)
+    return y if b is None else y + b
+
+
+def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
+          mask: jax.Array | None, kv: tuple | None = None, dropout_rng: jax.Array | None = None):
+    """One pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
+
+    x: [B, T, D]. `kv`, when decoding, is (k_cache [B, S, G, H], v_cache, index):
+    the new keys/values are written at [index, index + T) and attention reads the
+    whole cache. Returns (x, (k_cache, v_cache) or None)."""
+    c = config
+    rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+    a = p["attn"]
+    h = norm(c, p["attn_norm"], x)
+    q = _linear(h, a["q"], a.get("q_bias"), "btd,dnh->btnh")  # [B, T, N, H]
+    k = _linear(h, a["k"], a.get("k_bias"), "btd,dgh->btgh")  # [B, T, G, H]
+    v = _linear(h, a["v"], a.get("v_bias"), "btd,dgh->btgh")  # [B, T, G, H]
+    if c.positions == "rotary":
+        q = rotary(q, positions, c.rope_theta)
+        k = rotary(k, positions, c.rope_theta)
+    new_kv = None
+    if kv is not None:
+        k_cache, v_cache, index = kv
+        k = k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v = v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        new_kv = (k_cache, v_cache)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+    causal_only = mask is None and c.causal and kv is None
+    o = attention(q, k, v, mask, causal=causal_only, impl=c.attention_impl)  # [B, T, N, H]
+    o = _linear(o, a["o"], a.get("o_bias"), "btnh,nhd->btd")
+    x = x + _dropout(o, c.dropout, rngs[0])
+
+    m = p["mlp"]
+    h = norm(c, p["mlp_norm"], x)
+    up = _linear(h, m["up"], m.get("up_bias"))  # [B, T, F]
+    if c.mlp == "swiglu":
+        up = jax.nn.silu(_linear(h, m["gate"], m.get("gate_bias"))) * up
+    else:
+        up = jax.nn.gelu(up, approximate=True)  # GPT-2's tanh form
+    out = _linear(up, m["down"], m.get("down_bias"), "btf,fd->btd")
+    x = x + _dropout(out, c.dropout, rngs[1])
+    return constrain_activations(x), new_kv
+
+
+# ---------------------------------------------------------------------------
+# Masks and positions
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where a packed row's segment id changes. [B, T]."""
+    t = jnp.arange(segment_ids.shape[1])
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+    return t - first
+
+
+def make_mask(causal: bool, q_segments: jax.Array | None, k_segments: jax.Array | None,
+              q_slots: jax.Array, k_slots: jax.Array) -> jax.Array | None:
+    """bool [B, 1, T, S]: same segment (packing / padding) and, if causal, key slot <= query slot.
+
+    Slots are positions in the key buffer (the cache when decoding), not the
+    model's positions, which may restart inside a packed row."""
+    mask = None
+    if causal:
+        mask = (k_slots[None, :] <= q_slots[:, None])[None, None]  # [1, 1, T, S]
+    if q_segments is not None:
+        seg = (q_segments[:, :, None] == k_segments[:, None, :])[:, None]  # [B, 1, T, S]
+        mask = seg if mask is None else mask & seg
+    return mask
+
+
+# ---------------------------------------------------------------------------
+# Forward
+
+
+def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
+            positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+            cache: Params | None = None, dropout_rng: jax.Array | None = None):
+    """Token ids [B, T] -> final hidden states [B, T, D] (after the final norm).
+
+    positions: [B, T] model positions; default 0..T-1, restarted per segment when
+      `segment_ids` is given, or continuing from the cache index when decoding.
+    segment_ids: [B, T] int; tokens attend only within their own segment (packed
+      rows; 0 may mark padding).
+    cache: from `init_cache`; returns (hidden, new_cache) instead of hidden.
+    dropout_rng: enables dropout (training); None is deterministic.
+    """
+    c = config
+    B, T = tokens.shape
+    dtype = jnp.dtype(c.dtype)
+    index = cache["index"] if cache is not None else 0
+    if positions is None:
+        if segment_ids is not None and cache is None:
+            positions = positions_from_segments(segment_ids)
+        else:
+            positions = jnp.broadcast_to(index + jnp.arange(T), (B, T))
+
+    x = gather_embedding_table(params["embed"]).astype(dtype)[tokens]  # [B, T, D]
+    if c.positions == "learned":
+        x = x + params["pos_embed"].astype(dtype)[positions]
+    elif c.positions == "sinusoidal":
+        x = x + sinusoidal(positions, c.d_model).astype(dtype)
+    emb_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    x = constrain_activations(_dropout(x, c.dropout, emb_rng))
+
+    q_slots = index + jnp.arange(T)
+    if cache is None:
+        mask = None if segment_ids is None else make_mask(c.causal, segment_ids, segment_ids, q_slots, q_slots)
+    else:
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        k_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32), (0, index))
+        k_slots = jnp.arange(k_segments.shape[1])
+        # Empty cache slots hold segment 0: a real query (segment >= 1) never sees them.
+        mask = make_mask(c.causal, segment_ids, k_segments, q_slots, k_slots)
+
+    layer_rngs = None if layer_rng is None else jax.random.split(layer_rng, c.num_layers)
+    cast = lambda tree: jax.tree.map(lambda w: w.astype(dtype), tree)  # noqa: E731
+
+    def body(x, xs):
+        p, rng, kv = xs
+        kv = None if kv is None else (*kv, index)
+        x, new_kv = block(c, cast(p), x, positions=positions, mask=mask, kv=kv, dropout_rng=rng)
+        return x, new_kv
+
+    if c.remat != "none":
+        policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots"
+                  else jax.checkpoint_policies.nothing_saveable)
+        body = jax.checkpoint(body, policy=policy, prevent_cse=not c.scan_layers)
+
+    kv_in = None if cache is None else (cache["k"], cache["v"])
+    if c.scan_layers:
+        x, kv_out = jax.lax.scan(body, x, (params["layers"], layer_rngs, kv_in))
+    else:  # unrolled: same params tree, one traced block per layer
+        outs = []
+        for i in range(c.num_layers):
+            xs = jax.tree.map(lambda a: a[i], (params["layers"], layer_rngs, kv_in))
+            x, o = body(x, xs)
+            outs.append(o)
+        kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+
+    hidden = norm(c, params["final_norm"], x)
+    if cache is None:
+        return hidden
+    new_cache = {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segments, "index": index + T}
+    return hidden, new_cache
+
+
+def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
+    """[B, T, D] -> float32 logits [B, T, V] (tied: the embedding matrix transposed)."""
+    dtype = jnp.dtype(config.dtype)
+    w = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [D, V]
+    return jnp.einsum("btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def apply(config: ModelConfig, params: Params, tokens: jax.Array, **kwargs) -> jax.Array:
+    """Token ids [B, T] -> LM logits [B, T, V] (float32). kwargs: see `forward`."""
+    return lm_logits(config, params, forward(config, params, tokens, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+
+
+def init_cache(config: ModelConfig, batch: int, length: int | None = None, dtype=None) -> Params:
+    """An empty KV cache for `length` slots (default max_len).
+
+    k, v: [L, B, S, G, H]; segment_ids [B, S] (0 = empty/padding); index: next slot."""
+    S = length or config.max_len
+    shape = (config.num_layers, batch, S, config.kv_heads, config.head_size)
+    dt = jnp.dtype(dtype or config.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt),
+            "segment_ids": jnp.zeros((batch, S), jnp.int32), "index": jnp.array(0, jnp.int32)}
+
+
+def apply_with_cache(config: ModelConfig, params: Params, tokens: jax.Array, cache: Params, *,
+                     positions: jax.Array | None = None, segment_ids: jax.Array | None = None):
+    """Runs `tokens` [B, T] after what the cache holds: (logits [B, T, V], new cache).
+
+    Prefill a prompt with T = its length, then decode with T = 1. For left-padded
+    prompts pass segment_ids (0 at padding) and positions counted from the first
+    real token."""
+    if not config.causal:
+        raise ValueError("a KV cache needs a causal (decoder) model; this config has causal=False")
+    hidden, cache = forward(config, params, tokens, positions=positions, segment_ids=segment_ids,
+                            cache=cache)
+    return lm_logits(config, params, hidden), cache
+
+
+# ---------------------------------------------------------------------------
+# Scalar head (reward model, PPO value)
+
+
+def init_scalar_head(config: ModelConfig, rng: jax.Array) -> Params:
+    """A linear map D -> 1: {"kernel": [D], "bias": []}."""
+    kernel = config.init_std * jax.random.normal(rng, (config.d_model,), jnp.float32)
+    return {"kernel": kernel.astype(config.param_dtype), "bias": jnp.zeros((), config.param_dtype)}
+
+
+def scalar_head(head: Params, hidden: jax.Array) -> jax.Array:
+    """Per-token scalar [B, T] (float32) from hidden [B, T, D]: a value at every step
+    (PPO) or, read at the last real token, a sequence's reward."""
+    out = jnp.einsum("btd,d->bt", hidden.astype(jnp.float32), head["kernel"].astype(jnp.float32))
+    return out + head["bias"].astype(jnp.float32)
+
+
+def last_token_values(values: jax.Array, segment_ids: jax.Array, num_segments: int = 1) -> jax.Array:
+    """values [B, T] read at the last token of each segment 1..num_segments -> [B, num_segments].
+
+    For unpacked rows pass segment_ids = the 0/1 real-token mask (num_segments=1).
+    A segment absent from a row reads 0."""
+    t = jnp.arange(values.shape[1])
+    seg = jnp.arange(1, num_segments + 1)
+    in_seg = segment_ids[:, None, :] == seg[None, :, None]  # [B, S, T]
+    last = jnp.max(jnp.where(in_seg, t, -1), axis=-1)  # [B, S]
+    picked = jnp.take_along_axis(values, jnp.maximum(last, 0), axis=1)
+    return jnp.where(last >= 0, picked, 0.0)

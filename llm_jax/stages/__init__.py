@@ -1,0 +1,1 @@
+"""One module per stage: its batch -> loss function, and its evaluation."""
