@@ -24,7 +24,7 @@ from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import builtin
 from llm_jax.data.packing import pack_clm, packing_efficiency
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import MetricsLog, parse_args, write_json, write_run_json
+from llm_jax.rundir import MetricsLog, parse_args, run_main, write_json, write_run_json
 from llm_jax.stages import pretrain
 
 
@@ -151,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

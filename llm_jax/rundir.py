@@ -78,6 +78,18 @@ def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
     })
 
 
+def run_main(main) -> int:
+    """Runs an experiment's main(); a config or mesh mistake prints one line naming
+    the field and exits 2, instead of a traceback from deep inside JAX."""
+    from llm_jax.config import ConfigError
+    from llm_jax.sharding import MeshError
+    try:
+        return main()
+    except (ConfigError, MeshError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 class MetricsLog:
     """Appends one JSON object per logged step to DIR/<stage>/metrics.jsonl."""
 
