@@ -81,6 +81,8 @@ class ModelConfig:
                 f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.kv_heads}")
         if self.positions == "rotary" and self.head_size % 2:
             raise ConfigError(f"rotary positions need an even head size, got {self.head_size}")
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            raise ConfigError(f"sinusoidal positions need an even model.d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         return self

@@ -342,6 +342,12 @@ def apply_with_cache(config: ModelConfig, params: Params, tokens: jax.Array, cac
     real token."""
     if not config.causal:
         raise ValueError("a KV cache needs a causal (decoder) model; this config has causal=False")
+    slots = cache["segment_ids"].shape[1]
+    if not isinstance(cache["index"], jax.core.Tracer) and int(cache["index"]) + tokens.shape[1] > slots:
+        # Under jit this cannot be checked; outside it, an overflow would silently
+        # overwrite earlier slots (dynamic_update_slice clamps its start).
+        raise ValueError(f"KV cache overflow: {int(cache['index'])} slots used + {tokens.shape[1]} new "
+                         f"tokens > {slots} slots; make the cache longer (init_cache(length=...))")
     hidden, cache = forward(config, params, tokens, positions=positions, segment_ids=segment_ids,
                             cache=cache)
     return lm_logits(config, params, hidden), cache
