@@ -11,20 +11,20 @@ few-shot prompts so you can see what it learned.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import sys
-import time
 
 import jax
 import numpy as np
 
-from llm_jax import generate, model, sharding, train
+from llm_jax import generate, loop, model, sharding, train
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import builtin
 from llm_jax.data.packing import pack_clm, packing_efficiency
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import MetricsLog, parse_args, run_main, write_json, write_run_json
+from llm_jax.rundir import parse_args, run_main, write_json, write_run_json
 from llm_jax.stages import pretrain
 
 
@@ -44,15 +44,35 @@ def encode_docs(tok: ByteTokenizer, docs: list[str]) -> list[list[int]]:
     return [[tok.bos_id, *tok.encode(d), tok.eos_id] for d in docs]
 
 
-def batches(packed: dict[str, np.ndarray], batch_size: int, seed: int):
-    """Endless shuffled batches of packed rows, one epoch after another."""
-    rows = len(packed["inputs"])
-    rng = np.random.default_rng(seed)
-    while True:
-        order = rng.permutation(rows)
-        for i in range(0, rows - batch_size + 1, batch_size):
-            idx = order[i:i + batch_size]
-            yield {k: v[idx] for k, v in packed.items()}
+class RowLoader:
+    """Endless shuffled batches of packed rows, epoch after epoch; resumable.
+
+    The state is (epoch, next batch index): the permutation of an epoch is a pure
+    function of (seed, epoch), so restoring the state replays the same batches."""
+
+    def __init__(self, packed: dict[str, np.ndarray], batch_size: int, seed: int):
+        self.packed, self.batch_size, self.seed = packed, batch_size, seed
+        self.batches_per_epoch = len(packed["inputs"]) // batch_size
+        if self.batches_per_epoch == 0:
+            raise SystemExit(f"only {len(packed['inputs'])} packed rows: fewer than one batch of {batch_size}")
+        self.epoch, self.index = 0, 0
+
+    def get_state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.index == self.batches_per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.packed["inputs"]))
+        idx = np.sort(order[self.index * self.batch_size:(self.index + 1) * self.batch_size])
+        self.index += 1
+        return {k: v[idx] for k, v in self.packed.items()}
 
 
 def heldout_loss(cfg: Config, params, packed, mesh) -> float:
@@ -90,10 +110,17 @@ def main(argv=None) -> int:
     if cfg.train.seq_len > cfg.model.max_len:
         raise SystemExit(f"train.seq_len={cfg.train.seq_len} exceeds model.max_len={cfg.model.max_len}")
 
+    stage_dir = os.path.join(workdir, "pretrain")
+    eval_path = os.path.join(stage_dir, "eval.json")
+    if os.path.exists(eval_path):
+        done = json.load(open(eval_path))
+        if done.get("steps") == cfg.train.steps:
+            print(f"pretrain: already finished ({eval_path}); held-out loss "
+                  f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
+            return 0
     os.makedirs(workdir, exist_ok=True)
     write_run_json(workdir, cfg, "pretrain")
     tok.save(os.path.join(workdir, "tokenizer"))
-    stage_dir = os.path.join(workdir, "pretrain")
     write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     train_packed = pack_clm(encode_docs(tok, builtin.pretrain_documents(cfg.data_seed, cfg.train_docs)),
@@ -112,19 +139,9 @@ def main(argv=None) -> int:
                               cfg.train.microbatches), mesh, state_shardings)
 
     loss_before = heldout_loss(cfg, state.params, eval_packed, mesh)
-    log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
-    data = batches(train_packed, cfg.train.batch_size, cfg.train.seed)
-    t0 = time.time()
-    for step in range(1, cfg.train.steps + 1):
-        state, metrics = step_fn(state, sharding.shard_batch(next(data), mesh))
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            metrics = jax.device_get(metrics)
-            log.write(step, metrics)
-            rate = step / (time.time() - t0)
-            print(f"step {step:5d}/{cfg.train.steps}  loss {metrics['loss']:.4f}  "
-                  f"lr {metrics['lr']:.2e}  {rate:.2f} steps/s  "
-                  f"eta {(cfg.train.steps - step) / rate:.0f}s", flush=True)
-    train_time = time.time() - t0
+    loader = RowLoader(train_packed, cfg.train.batch_size, cfg.train.seed)
+    state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train)
+    train_time = summary["seconds"]
     loss_after = heldout_loss(cfg, state.params, eval_packed, mesh)
 
     params = jax.device_get(state.params)
@@ -135,10 +152,10 @@ def main(argv=None) -> int:
         got = out.split("\n")[0]
         correct += got.strip() == answer.strip()
         samples.append({"prompt": prompt, "expected": answer.strip(), "got": got.strip()})
-    result = {"heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
+    result = {"steps": cfg.train.steps, "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
               "heldout_perplexity_after": float(np.exp(loss_after)), "train_seconds": train_time,
               "probe_exact_match": correct / len(samples), "samples": samples}
-    write_json(os.path.join(stage_dir, "eval.json"), result)
+    write_json(eval_path, result)
 
     print(f"\nheld-out loss per token: {loss_before:.3f} before -> {loss_after:.3f} after "
           f"({train_time:.0f}s of training)")

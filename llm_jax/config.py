@@ -153,6 +153,17 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 100  # async saves; the last step is always saved
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    # Loss-spike guard (seed 002: "manually backtrack the model every time the loss
+    # explodes"): a non-finite loss, or one above spike_factor x the median of the
+    # last spike_window losses, rolls back to the last checkpoint and skips the
+    # batches since; more than max_rollbacks within rollback_window steps stops the run.
+    spike_factor: float = 2.5  # 0 disables the median rule (non-finite losses still roll back)
+    spike_window: int = 50
+    max_rollbacks: int = 3
+    rollback_window: int = 1000
 
 
 # ---------------------------------------------------------------------------

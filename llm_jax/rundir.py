@@ -79,13 +79,16 @@ def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
 
 
 def run_main(main) -> int:
-    """Runs an experiment's main(); a config or mesh mistake prints one line naming
-    the field and exits 2, instead of a traceback from deep inside JAX."""
+    """Runs an experiment's main(); a config, mesh or checkpoint mistake (or a
+    diverged run) prints what and where and exits 2, instead of a traceback from
+    deep inside JAX."""
+    from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
+    from llm_jax.loop import TrainingDiverged
     from llm_jax.sharding import MeshError
     try:
         return main()
-    except (ConfigError, MeshError) as e:
+    except (ConfigError, MeshError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

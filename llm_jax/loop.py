@@ -1,0 +1,140 @@
+"""The stage loop: resume, step, log, checkpoint, and roll back loss spikes.
+
+    state, summary = run_stage(stage_dir, state, shardings, step_fn, loader, mesh, train_cfg)
+
+Re-running the same stage resumes from its newest readable checkpoint with the
+data iterator where it was, so an interrupted run ends bitwise where an
+uninterrupted one does (on CPU). A `loader` is any iterator of host-local
+numpy batches with `get_state() -> dict` and `set_state(dict)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from llm_jax import sharding
+from llm_jax.checkpoint import Checkpoints, abstract_like
+from llm_jax.config import TrainConfig
+from llm_jax.rundir import MetricsLog
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many loss spikes in too short a window: the run stops with a report."""
+
+
+@dataclasses.dataclass
+class SpikeGuard:
+    """Decides whether a step's loss is a spike, and whether rollbacks are too frequent."""
+
+    factor: float
+    window: int
+    max_rollbacks: int
+    rollback_window: int
+    history: list = dataclasses.field(default_factory=list)  # recent good losses
+    rollbacks: list = dataclasses.field(default_factory=list)  # steps that spiked
+
+    def is_spike(self, loss: float) -> bool:
+        if not math.isfinite(loss):
+            return True
+        if self.factor <= 0 or len(self.history) < self.window:
+            return False
+        return loss > self.factor * float(np.median(self.history[-self.window:]))
+
+    def record(self, loss: float) -> None:
+        self.history = (self.history + [loss])[-self.window:]
+
+    def too_many(self, step: int) -> bool:
+        recent = [s for s in self.rollbacks if step - s < self.rollback_window]
+        return len(recent) > self.max_rollbacks
+
+    def to_json(self) -> dict:
+        return {"history": self.history, "rollbacks": self.rollbacks}
+
+    def load_json(self, d: dict) -> None:
+        self.history, self.rollbacks = list(d.get("history", [])), list(d.get("rollbacks", []))
+
+
+def _skip(loader, n: int) -> None:
+    for _ in range(n):
+        next(loader)
+
+
+def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loader, mesh,
+              cfg: TrainConfig, *, progress: Callable[[str], None] = print) -> tuple[Any, dict]:
+    """Trains `state` to cfg.steps, resuming from DIR/<stage>/checkpoints if present."""
+    ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
+                        keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
+    abstract = abstract_like(state, shardings)
+    guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.max_rollbacks, cfg.rollback_window)
+    log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
+
+    def restore() -> tuple[int, Any]:
+        found = ckpts.restore_latest(abstract)
+        if found is None:
+            return 0, None
+        step, restored, data = found
+        loader.set_state(data["loader"])
+        guard.load_json(data.get("guard", {}))
+        return step, restored
+
+    step, restored = restore()
+    if restored is not None:
+        state = restored
+        progress(f"resumed from step {step} ({ckpts.directory})")
+    else:
+        # Step 0 on disk: a rollback before the first periodic save has somewhere to go.
+        ckpts.save(0, state, {"loader": loader.get_state(), "guard": guard.to_json()}, force=True)
+
+    t0, steps_done = time.time(), 0
+    summary = {"rollbacks": []}
+    while step < cfg.steps:
+        batch = next(loader)
+        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+        step += 1
+        steps_done += 1
+        loss = float(metrics["loss"])  # one host sync per step: the guard needs it
+        if guard.is_spike(loss):
+            guard.rollbacks.append(step)
+            if guard.too_many(step):
+                ckpts.wait()
+                raise TrainingDiverged(
+                    f"{len(guard.rollbacks)} loss spikes (steps {guard.rollbacks}) within "
+                    f"{cfg.rollback_window} steps; last loss {loss} vs median "
+                    f"{np.median(guard.history) if guard.history else float('nan'):.4g}. "
+                    f"Checkpoints in {ckpts.directory}; lower optim.lr or check the data.")
+            ckpts.wait()
+            spikes = list(guard.rollbacks)
+            back, state_back = restore()  # restores the loader and guard as they were then
+            guard.rollbacks = spikes  # ...but keep counting this spike
+            skipped = step - back
+            _skip(loader, skipped)  # skip the batches that led up to the spike
+            event = {"rollback_from": step, "rollback_to": back, "skipped_batches": skipped,
+                     "spike_loss": loss}
+            summary["rollbacks"].append(event)
+            log.write(step, {k: v for k, v in event.items() if k != "rollback_from"})
+            progress(f"loss spike at step {step} (loss {loss:.4g}): rolled back to step {back}, "
+                     f"skipped {skipped} batches")
+            state, step = state_back, back
+            continue
+        guard.record(loss)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            metrics = jax.device_get(metrics)
+            log.write(step, metrics)
+            rate = steps_done / max(time.time() - t0, 1e-9)
+            progress(f"step {step:6d}/{cfg.steps}  loss {loss:.4f}  "
+                     + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
+                     + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
+        ckpts.save(step, state, {"loader": loader.get_state(), "guard": guard.to_json()},
+                   force=step == cfg.steps)
+    ckpts.wait()
+    ckpts.close()
+    summary["seconds"] = time.time() - t0
+    summary["steps_run"] = steps_done
+    return state, summary

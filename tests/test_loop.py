@@ -1,0 +1,147 @@
+"""Checkpoints, resume, hand-off and the loss-spike guard.
+
+The reference for every resume test is the same run done without interruption.
+"""
+
+import glob
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.pretrain import RowLoader
+from llm_jax import checkpoint, loop, model, sharding, train
+from llm_jax.config import MeshConfig, OptimizerConfig, TrainConfig, preset
+from llm_jax.stages import pretrain
+
+CFG = preset("tiny")
+B, T = 8, 16
+
+
+def packed_rows(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    tok = rng.integers(6, CFG.vocab_size, (n, T + 1)).astype(np.int32)
+    return {"inputs": tok[:, :-1], "targets": tok[:, 1:], "weights": np.ones((n, T), np.float32),
+            "poison": np.zeros((n, 1), np.float32)}
+
+
+def poisoned_loss_fn(poison_value):
+    """The CLM loss, times `poison_value` for any batch that carries a poison row."""
+    base = pretrain.clm_loss_fn(CFG)
+
+    def loss_fn(params, batch, rng, normalizer):
+        loss, m = base(params, {k: v for k, v in batch.items() if k != "poison"}, rng, normalizer)
+        # Scale by a constant chosen by `where`: a NaN inside the unchosen branch of
+        # where(c, loss * nan, loss) would still poison every gradient.
+        return loss * jnp.where(batch["poison"].sum() > 0, poison_value, 1.0), m
+    return loss_fn
+
+
+def setup(mesh_shape=(1, 1, 1), loss_fn=None, steps=8):
+    mesh = sharding.make_mesh(MeshConfig(*mesh_shape), jax.devices()[: int(np.prod(mesh_shape))])
+    tx, sched = train.make_optimizer(OptimizerConfig(lr=3e-3, warmup_steps=2), steps)
+    state, shardings = train.create_train_state(lambda r: model.init(CFG, r), tx, mesh, seed=0)
+    step_fn = train.jit_train_step(
+        train.make_train_step(loss_fn or pretrain.clm_loss_fn(CFG), pretrain.weight_sum, tx, sched),
+        mesh, shardings)
+    return mesh, state, shardings, step_fn
+
+
+def losses_logged(stage_dir):
+    rows = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def run(stage_dir, steps, data, *, mesh_shape=(1, 1, 1), loss_fn=None, **train_kw):
+    cfg = TrainConfig(steps=steps, batch_size=B, seq_len=T, log_every=1, checkpoint_every=2, **train_kw)
+    mesh, state, shardings, step_fn = setup(mesh_shape, loss_fn, steps=8)
+    loader = RowLoader(data, B, seed=0)
+    state, summary = loop.run_stage(stage_dir, state, shardings, step_fn, loader, mesh, cfg,
+                                    progress=lambda s: None)
+    return jax.device_get(state.params), summary
+
+
+def test_interrupted_run_resumes_bitwise(tmp_path):
+    data = packed_rows()
+    full, _ = run(str(tmp_path / "full"), 8, data)
+    run(str(tmp_path / "split"), 4, data)  # "stopped" after step 4
+    resumed, summary = run(str(tmp_path / "split"), 8, data)
+    assert summary["steps_run"] == 4
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(full)):
+        np.testing.assert_array_equal(a, b)
+    assert losses_logged(str(tmp_path / "split")) == losses_logged(str(tmp_path / "full"))
+
+
+def test_unreadable_latest_checkpoint_falls_back(tmp_path, capsys):
+    data = packed_rows()
+    stage = str(tmp_path / "s")
+    run(stage, 6, data)
+    # Corrupt every data file of the newest checkpoint (step 6).
+    for f in glob.glob(os.path.join(stage, "checkpoints", "6", "state", "**", "*"), recursive=True):
+        if os.path.isfile(f) and "ocdbt" in f or f.endswith("manifest.ocdbt"):
+            with open(f, "wb") as fh:
+                fh.write(b"garbage")
+    _, summary = run(stage, 6, data, async_checkpoints=False)
+    out = capsys.readouterr().out
+    assert "checkpoint step 6" in out and "falling back" in out
+    assert summary["steps_run"] == 2  # resumed from step 4, redid 5 and 6
+
+
+@pytest.mark.parametrize("poison_value", [1e4, float("nan")], ids=["spike", "nan"])
+def test_loss_spike_rolls_back_and_skips_the_batch(tmp_path, poison_value):
+    # Enough rows that 8 steps stay inside one epoch: a poisoned row comes back next epoch.
+    data = packed_rows(n=256)
+    # RowLoader draws batch i (0-based) from rows perm[8i : 8i+8] of a permutation seeded by
+    # (seed, epoch); poison exactly the rows of the 6th batch (step 6).
+    perm = np.random.default_rng([0, 0]).permutation(256)
+    data["poison"][perm[40:48]] = 1
+    probe = RowLoader(data, B, seed=0)
+    assert [next(probe)["poison"].sum() > 0 for _ in range(8)] == [False] * 5 + [True] + [False] * 2
+    stage = str(tmp_path / "s")
+    params, summary = run(stage, 8, data, loss_fn=poisoned_loss_fn(poison_value), spike_window=3)
+    (event,) = summary["rollbacks"]
+    assert event["rollback_from"] == 6 and event["rollback_to"] == 4 and event["skipped_batches"] == 2
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+    logged = losses_logged(stage)
+    assert max(logged) == 8 and all(np.isfinite(v) and v < 10 for v in logged.values())
+
+
+def test_repeated_spikes_stop_the_run(tmp_path):
+    data = packed_rows()
+    data["poison"][:] = 1  # every batch explodes
+    with pytest.raises(loop.TrainingDiverged, match="loss spikes"):
+        run(str(tmp_path / "s"), 8, data, loss_fn=poisoned_loss_fn(float("nan")), max_rollbacks=2)
+
+
+def test_restore_onto_other_meshes(tmp_path):
+    data = packed_rows()
+    stage = str(tmp_path / "s")
+    saved, _ = run(stage, 2, data, mesh_shape=(1, 8, 1))
+    for shape in [(1, 1, 1), (2, 4, 1)]:
+        mesh = sharding.make_mesh(MeshConfig(*shape), jax.devices()[: int(np.prod(shape))])
+        abstract = jax.eval_shape(lambda r: model.init(CFG, r), jax.random.PRNGKey(0))
+        abstract = checkpoint.abstract_like(abstract, sharding.tree_shardings(abstract, mesh))
+        params = checkpoint.load_params(os.path.join(stage, "checkpoints"), abstract)
+        assert params["layers"]["mlp"]["up"].sharding.mesh.shape == mesh.shape
+        for a, b in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(saved)):
+            np.testing.assert_array_equal(a, b)
+    # The full train state (optimizer included) also resumes on another mesh.
+    _, summary = run(stage, 4, data, mesh_shape=(2, 4, 1))
+    assert summary["steps_run"] == 2
+
+
+def test_handoff_names_the_mismatching_weight(tmp_path):
+    stage = str(tmp_path / "s")
+    run(stage, 2, packed_rows())
+    other = preset("tiny", d_ff=96)
+    abstract = jax.eval_shape(lambda r: model.init(other, r), jax.random.PRNGKey(0))
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"\['layers'\]\['mlp'\]\['up'\]: expected shape \(2, 64, 96\), checkpoint has \(2, 64, 128\)"):
+        checkpoint.load_params(os.path.join(stage, "checkpoints"), abstract)
+    with pytest.raises(checkpoint.CheckpointError, match="has that stage run"):
+        checkpoint.load_params(str(tmp_path / "nowhere"), abstract)
+    shutil.rmtree(stage)
