@@ -18,13 +18,14 @@ import sys
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from llm_jax import generate, loop, model, sharding, train
+from llm_jax import generate, launch, loop, model, sharding, train
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import builtin
 from llm_jax.data.packing import pack_clm, packing_efficiency
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import parse_args, run_main, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
 from llm_jax.stages import pretrain
 
 
@@ -48,7 +49,8 @@ class RowLoader:
     """Endless shuffled batches of packed rows, epoch after epoch; resumable.
 
     The state is (epoch, next batch index): the permutation of an epoch is a pure
-    function of (seed, epoch), so restoring the state replays the same batches."""
+    function of (seed, epoch), so restoring the state replays the same batches.
+    Each JAX process yields only its own slice of every global batch."""
 
     def __init__(self, packed: dict[str, np.ndarray], batch_size: int, seed: int):
         self.packed, self.batch_size, self.seed = packed, batch_size, seed
@@ -72,7 +74,15 @@ class RowLoader:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.packed["inputs"]))
         idx = np.sort(order[self.index * self.batch_size:(self.index + 1) * self.batch_size])
         self.index += 1
-        return {k: v[idx] for k, v in self.packed.items()}
+        return {k: v[process_slice(idx)] for k, v in self.packed.items()}
+
+
+def process_slice(rows: np.ndarray) -> np.ndarray:
+    """This process's contiguous share of a global batch's rows (the mesh is
+    process-major, so process p's devices hold the p-th share)."""
+    n, p = jax.process_count(), jax.process_index()
+    share = len(rows) // n
+    return rows[p * share:(p + 1) * share]
 
 
 def heldout_loss(cfg: Config, params, packed, mesh) -> float:
@@ -80,7 +90,8 @@ def heldout_loss(cfg: Config, params, packed, mesh) -> float:
     total, count = 0.0, 0.0
     bs = cfg.train.batch_size
     for i in range(0, len(packed["inputs"]) - bs + 1, bs):
-        b = sharding.shard_batch({k: v[i:i + bs] for k, v in packed.items()}, mesh)
+        rows = process_slice(np.arange(i, i + bs))
+        b = sharding.shard_batch({k: v[rows] for k, v in packed.items()}, mesh)
         s, c = fn(params, b)
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
@@ -99,6 +110,7 @@ def probes(seed: int) -> list[tuple[str, str]]:
 
 def main(argv=None) -> int:
     workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
+    launch.initialize()
     tok = ByteTokenizer()
     if cfg.model.vocab_size < tok.vocab_size:
         raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -115,36 +127,43 @@ def main(argv=None) -> int:
     if os.path.exists(eval_path):
         done = json.load(open(eval_path))
         if done.get("steps") == cfg.train.steps:
-            print(f"pretrain: already finished ({eval_path}); held-out loss "
+            say(f"pretrain: already finished ({eval_path}); held-out loss "
                   f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
             return 0
     os.makedirs(workdir, exist_ok=True)
     write_run_json(workdir, cfg, "pretrain")
-    tok.save(os.path.join(workdir, "tokenizer"))
+    if is_primary():
+        tok.save(os.path.join(workdir, "tokenizer"))
     write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     train_packed = pack_clm(encode_docs(tok, builtin.pretrain_documents(cfg.data_seed, cfg.train_docs)),
                             cfg.train.seq_len)
     eval_packed = pack_clm(encode_docs(tok, builtin.pretrain_documents(cfg.data_seed + 1, cfg.eval_docs)),
                            cfg.train.seq_len)
-    print(f"data: {len(train_packed['inputs'])} packed rows of {cfg.train.seq_len} tokens, "
+    say(f"data: {len(train_packed['inputs'])} packed rows of {cfg.train.seq_len} tokens, "
           f"packing efficiency {packing_efficiency(train_packed):.1%}; mesh {dict(mesh.shape)}")
 
     tx, schedule = train.make_optimizer(cfg.optim, cfg.train.steps)
     state, state_shardings = train.create_train_state(lambda r: model.init(cfg.model, r), tx, mesh,
                                                       cfg.train.seed)
-    print(f"model: {model.count_params(state.params) / 1e6:.2f}M params")
+    say(f"model: {model.count_params(state.params) / 1e6:.2f}M params")
     step_fn = train.jit_train_step(
         train.make_train_step(pretrain.clm_loss_fn(cfg.model), pretrain.weight_sum, tx, schedule,
                               cfg.train.microbatches), mesh, state_shardings)
 
     loss_before = heldout_loss(cfg, state.params, eval_packed, mesh)
     loader = RowLoader(train_packed, cfg.train.batch_size, cfg.train.seed)
-    state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train)
+    state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train,
+                                    progress=say)
     train_time = summary["seconds"]
+    if not summary["finished"]:
+        say(f"stopped at step {cfg.train.stop_after} of {cfg.train.steps} (train.stop_after); "
+            "rerun the same command to continue")
+        return 0
     loss_after = heldout_loss(cfg, state.params, eval_packed, mesh)
 
-    params = jax.device_get(state.params)
+    params = jax.device_get(multihost_utils.process_allgather(state.params, tiled=True)
+                            if jax.process_count() > 1 else state.params)
     samples, correct = [], 0
     for prompt, answer in probes(cfg.data_seed + 2):
         out = tok.decode(generate.generate(cfg.model, params, [[tok.bos_id, *tok.encode(prompt)]],
@@ -157,13 +176,13 @@ def main(argv=None) -> int:
               "probe_exact_match": correct / len(samples), "samples": samples}
     write_json(eval_path, result)
 
-    print(f"\nheld-out loss per token: {loss_before:.3f} before -> {loss_after:.3f} after "
+    say(f"\nheld-out loss per token: {loss_before:.3f} before -> {loss_after:.3f} after "
           f"({train_time:.0f}s of training)")
     for s in samples:
         last = s["prompt"].split("\n")[-1]
         mark = "ok " if s["got"] == s["expected"] else "   "
-        print(f"  {mark}{last!r:32} -> {s['got']!r}  (expected {s['expected']!r})")
-    print(f"wrote {workdir}/run.json, pretrain/metrics.jsonl, pretrain/eval.json")
+        say(f"  {mark}{last!r:32} -> {s['got']!r}  (expected {s['expected']!r})")
+    say(f"wrote {workdir}/run.json, pretrain/metrics.jsonl, pretrain/eval.json")
     return 0
 
 

@@ -153,6 +153,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # 0: only at the end
+    stop_after: int = 0  # >0: this invocation stops (and saves) at that step; rerun to continue
     checkpoint_every: int = 100  # async saves; the last step is always saved
     keep_checkpoints: int = 3
     async_checkpoints: bool = True

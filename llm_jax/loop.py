@@ -94,7 +94,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
 
     t0, steps_done = time.time(), 0
     summary = {"rollbacks": []}
-    while step < cfg.steps:
+    last = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
+    while step < last:
         batch = next(loader)
         state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
         step += 1
@@ -132,9 +133,10 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                      + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
                      + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
         ckpts.save(step, state, {"loader": loader.get_state(), "guard": guard.to_json()},
-                   force=step == cfg.steps)
+                   force=step == last)
     ckpts.wait()
     ckpts.close()
     summary["seconds"] = time.time() - t0
     summary["steps_run"] = steps_done
+    summary["finished"] = step >= cfg.steps
     return state, summary

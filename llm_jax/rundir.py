@@ -59,8 +59,23 @@ def git_revision() -> str | None:
     return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def is_primary() -> bool:
+    """Process 0 writes the run directory's files; the others only compute."""
+    import jax
+    return jax.process_index() == 0
+
+
+def say(*args, **kwargs) -> None:
+    """print() on process 0 only, so N processes do not print N copies."""
+    if is_primary():
+        print(*args, **kwargs, flush=True)
+
+
 def write_json(path: str, obj: Any) -> None:
-    """Writes atomically (temp file + rename) so a crash never leaves half a file."""
+    """Writes atomically (temp file + rename) so a crash never leaves half a file.
+    Only process 0 writes."""
+    if not is_primary():
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -94,13 +109,15 @@ def run_main(main) -> int:
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to DIR/<stage>/metrics.jsonl."""
+    """Appends one JSON object per logged step to DIR/<stage>/metrics.jsonl (process 0)."""
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.path = path
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
+        if not is_primary():
+            return
         row = {"step": int(step)}
         for k, v in metrics.items():
             v = float(v)
