@@ -20,16 +20,19 @@ def test_packed_equals_unpacked_per_sequence():
     logits = model.apply(CFG, params, packed["inputs"], positions=packed["positions"],
                          segment_ids=packed["segment_ids"])
     lp = np.asarray(losses.token_logprobs(logits, packed["targets"])) * packed["weights"]
-    # reassemble each sequence's summed log-prob from the packed rows, in packing order
-    got = []
+    # each segment's summed log-prob, matched to its sequence by its tokens (rows are filled first-fit)
+    got = [0.0] * len(seqs)
     for r in range(len(lp)):
         for s in range(1, packed["segment_ids"][r].max() + 1):
-            got.append(lp[r][packed["segment_ids"][r] == s].sum())
-    want = []
-    for seq in seqs:
-        x = np.array([seq], np.int32)
-        alone = model.apply(CFG, params, x[:, :-1])
-        want.append(float(np.sum(losses.token_logprobs(alone, x[:, 1:]))))
+            tokens = list(packed["inputs"][r][packed["segment_ids"][r] == s])
+            got[[list(q[:-1]) for q in seqs].index(tokens)] = lp[r][packed["segment_ids"][r] == s].sum()
+    # reference: every sequence alone in its own row (right-padded, no segment ids), one call
+    width = max(len(q) for q in seqs) - 1
+    alone = np.zeros((len(seqs), width + 1), np.int32)
+    for i, q in enumerate(seqs):
+        alone[i, :len(q)] = q
+    lp_alone = np.asarray(losses.token_logprobs(model.apply(CFG, params, alone[:, :-1]), alone[:, 1:]))
+    want = [lp_alone[i, :len(q) - 1].sum() for i, q in enumerate(seqs)]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert packing_efficiency(packed) == pytest.approx(sum(len(s) - 1 for s in seqs) / packed["weights"].size)
 

@@ -1,17 +1,40 @@
 """The built-in world: small procedurally generated tasks from the seeds.
 
-Every task draws (query, answer) items from a seeded `random.Random`; a
-pretraining document shows several items of one task in the same plain
-`query -> answer` format, one per line, so a model can only lower its loss by
-picking up the pattern in context (seed 000: "A B C ... A B -> C"). The
-instruction format ("Translate Blume from German to English.") never appears
-in pretraining text.
+Every task draws (query, answer) items from a seeded `random.Random` and has a
+program scorer (`SCORERS`: exact match, JSON equality or a verifier). Three
+views of the same tasks feed the stages:
+
+* pretraining (`pretrain_documents`): several items of one task in the plain
+  `query -> answer` format, one per line, so a model can only lower its loss
+  by picking up the pattern in context (seed 000: "A B C ... A B -> C"). The
+  instruction format never appears in pretraining text, so a base model
+  continues text rather than following instructions (seed 000's point).
+* SFT (`sft_record`): the same items as instructions,
+  "Translate Blume from German to English." -> "flower".
+* preferences (`llm_jax.data.preferences`): correct vs wrong, polite vs blunt,
+  plain vs jargon.
+
+Held-out splits (`split="train" | "eval"`) never share an item with training.
+A key is hashed into a bucket (`bucket`, 10% eval):
+* open tasks (copy, sort, reverse, format, add) hash `task|query`: an eval
+  query never appears anywhere in training, neither as a query nor as a shot,
+  neither in pretraining nor in SFT;
+* closed tasks (translate, square) have a small fixed table that the model can
+  only know from pretraining (26 German words, 21 squares). Holding out words
+  would make them unknowable, so in-context evaluation holds out *prompts*:
+  the whole combination (which shots, in which order, and which query) is
+  hashed, and an eval prompt is never a training document. The words are
+  shared. SFT instructions still hash `task|query`, so SFT evaluation asks for
+  words (or squares) that SFT never trained on but pretraining showed: that is
+  instruction following transferred to known facts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 
 # A small German -> English table (seed 000).
 GERMAN_ENGLISH = {
@@ -25,6 +48,8 @@ GERMAN_ENGLISH = {
 NAMES = ("Alice", "Bob", "Clara", "David", "Emma", "Felix", "Greta", "Hans", "Ida", "Jonas")
 CITIES = ("Berlin", "Munich", "Hamburg", "Cologne", "Vienna", "Zurich", "Bremen", "Dresden")
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+SPLITS = ("train", "eval")
+EVAL_PERCENT = 10
 
 
 def copy_item(rng: random.Random) -> tuple[str, str]:
@@ -70,16 +95,166 @@ TASKS = {
     "copy": copy_item, "sort": sort_item, "reverse": reverse_item, "translate": translate_item,
     "format": format_item, "square": square_item, "add": add_item,
 }
+CLOSED_TASKS = frozenset({"translate", "square"})  # held out by prompt, not by query (see above)
 
 
-def few_shot_document(rng: random.Random, task: str, shots: int) -> str:
+# ---------------------------------------------------------------------------
+# Scorers: the answer a program expects, checked without a model.
+
+
+def _json_equal(query: str, response: str) -> bool:
+    try:
+        got = json.loads(response)
+    except (json.JSONDecodeError, ValueError):
+        return False
+    fields = dict(kv.split("=", 1) for kv in query.split(", "))
+    return got == {"name": fields["name"], "age": int(fields["age"]), "city": fields["city"]}
+
+
+def _sort_ok(query: str, response: str) -> bool:
+    got = response.split()
+    return got == sorted(got) and sorted(got) == sorted(query.split())
+
+
+def _int_ok(value: int, response: str) -> bool:
+    try:
+        return int(response.strip()) == value
+    except ValueError:
+        return False
+
+
+def _copy_ok(query: str, response: str) -> bool:
+    # the answer is the rest of the pattern: the first repeat of the opening letter marks its period
+    xs = query.split()
+    if xs[0] not in xs[1:]:
+        return False
+    period = xs.index(xs[0], 1)
+    return response.split() == xs[len(xs) - period:period]
+
+
+SCORERS = {
+    "copy": _copy_ok,
+    "sort": _sort_ok,  # verifier: sorted and a permutation of the query
+    "reverse": lambda q, r: r.split() == q.split()[::-1],
+    "translate": lambda q, r: r.strip().lower() == GERMAN_ENGLISH.get(q, "\0"),
+    "format": _json_equal,  # JSON equality, not string equality
+    "square": lambda q, r: _int_ok(int(q) ** 2, r),
+    "add": lambda q, r: _int_ok(sum(int(x) for x in q.split(" + ")), r),
+}
+
+
+def score(task: str, query: str, response: str) -> bool:
+    """Whether `response` answers `query` of `task` (whitespace at the ends ignored)."""
+    return bool(SCORERS[task](query, response.strip()))
+
+
+# ---------------------------------------------------------------------------
+# Held-out splits.
+
+
+def bucket(key: str) -> str:
+    """'eval' for EVAL_PERCENT% of keys, 'train' for the rest; stable across runs and machines."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return "eval" if h % 100 < EVAL_PERCENT else "train"
+
+
+def item_key(task: str, query: str) -> str:
+    return f"{task}|{query}"
+
+
+def draw_item(rng: random.Random, task: str, split: str | None) -> tuple[str, str]:
+    """An item of `task` whose (task, query) falls in `split` (None: any)."""
+    while True:
+        q, a = TASKS[task](rng)
+        if split is None or bucket(item_key(task, q)) == split:
+            return q, a
+
+
+def draw_document(rng: random.Random, task: str, shots: int, split: str | None) -> list[tuple[str, str]]:
+    """`shots` items of one task, every item (open tasks) or the whole prompt
+    (closed tasks) in `split`."""
+    if split is not None and split not in SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    if task not in CLOSED_TASKS:
+        return [draw_item(rng, task, split) for _ in range(shots)]
+    while True:
+        items = [TASKS[task](rng) for _ in range(shots)]
+        if split is None or bucket(f"{task}|prompt|" + render(items)) == split:
+            return items
+
+
+def render(items: list[tuple[str, str]]) -> str:
+    """The pretraining format: one `query -> answer` per line."""
+    return "".join(f"{q} -> {a}\n" for q, a in items)
+
+
+def few_shot_document(rng: random.Random, task: str, shots: int, split: str | None = None) -> str:
     """`shots` items of one task, one `query -> answer` per line."""
-    return "".join(f"{q} -> {a}\n" for q, a in (TASKS[task](rng) for _ in range(shots)))
+    return render(draw_document(rng, task, shots, split))
 
 
-def pretrain_documents(seed: int, count: int, min_shots: int = 2, max_shots: int = 6) -> list[str]:
+def pretrain_documents(seed: int, count: int, min_shots: int = 2, max_shots: int = 6,
+                       split: str | None = "train", tasks: tuple[str, ...] | None = None) -> list[str]:
     """The pretraining mixture: few-shot documents of every task, in a seeded order."""
     rng = random.Random(seed)
-    names = sorted(TASKS)
-    return [few_shot_document(rng, rng.choice(names), rng.randint(min_shots, max_shots))
+    names = sorted(tasks or TASKS)
+    return [few_shot_document(rng, rng.choice(names), rng.randint(min_shots, max_shots), split)
             for _ in range(count)]
+
+
+def icl_probe(rng: random.Random, task: str, shots: int, split: str = "eval") -> dict:
+    """An in-context prompt (`shots` examples, then `query ->`) and its answer.
+
+    The whole prompt, query included, is drawn from `split`, with the same rule
+    as pretraining documents, so an eval probe is never a training document."""
+    items = draw_document(rng, task, shots + 1, split)
+    q, a = items[-1]
+    return {"prompt": render(items[:-1]) + f"{q} ->", "answer": a, "task": task, "query": q}
+
+
+# ---------------------------------------------------------------------------
+# Instructions (SFT): the same items, asked for in words.
+
+INSTRUCTIONS = {
+    "copy": "Continue the pattern: {q}",
+    "sort": "Sort these numbers: {q}",
+    "reverse": "Reverse: {q}",
+    "translate": "Translate {q} from German to English.",
+    "format": "Format as JSON: {q}",
+    "square": "What is {q} squared?",
+    "add": "What is {q}?",
+}
+_INSTRUCTION_RES = {t: re.compile("^" + re.escape(s).replace(re.escape("{q}"), "(.+)") + "$")
+                    for t, s in INSTRUCTIONS.items()}
+
+
+def instruction(task: str, query: str) -> str:
+    return INSTRUCTIONS[task].format(q=query)
+
+
+def parse_instruction(prompt: str) -> tuple[str, str] | None:
+    """(task, query) of a built-in instruction, or None. Templates are tried in
+    a fixed order; "What is 3 squared?" is a square, not an addition."""
+    for task in ("square", *[t for t in INSTRUCTIONS if t != "square"]):
+        m = _INSTRUCTION_RES[task].match(prompt.strip())
+        if m and (task != "add" or re.fullmatch(r"\d+ \+ \d+", m.group(1))):
+            return task, m.group(1)
+    return None
+
+
+def score_instruction(prompt: str, response: str) -> float | None:
+    """1.0 / 0.0 for a built-in instruction's response; None for other prompts.
+    A program reward for PPO and a metric for SFT evaluation."""
+    parsed = parse_instruction(prompt)
+    return None if parsed is None else float(score(*parsed, response))
+
+
+def sft_record(rng: random.Random, split: str, tasks: tuple[str, ...] | None = None) -> dict:
+    task = rng.choice(sorted(tasks or TASKS))
+    q, a = draw_item(rng, task, split)
+    return {"prompt": instruction(task, q), "response": a, "task": task, "query": q}
+
+
+def pretrain_record(rng: random.Random, split: str, tasks: tuple[str, ...] | None = None) -> dict:
+    task = rng.choice(sorted(tasks or TASKS))
+    return {"text": few_shot_document(rng, task, rng.randint(2, 6), split), "task": task}

@@ -1,0 +1,46 @@
+"""Bad data: a fatal `DataError`, and a `SkipReport` that counts skipped records.
+
+A bad record never crashes a run and is never dropped silently: it is skipped,
+counted under its reason, and the first few places (file:line or source index)
+are kept so the stage can log them with its metrics. A source with no usable
+record at all is fatal and raises before training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+FIRST_PLACES = 5  # places kept per reason: enough to find the pattern, small enough for a log line
+
+
+class DataError(ValueError):
+    """A data problem the run cannot continue past; the message names the source."""
+
+
+@dataclasses.dataclass
+class SkipReport:
+    """reason -> count, and the first few places of each reason."""
+
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    places: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    def add(self, reason: str, place: str) -> None:
+        self.counts[reason] = self.counts.get(reason, 0) + 1
+        first = self.places.setdefault(reason, [])
+        if len(first) < FIRST_PLACES:
+            first.append(place)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "places": {k: list(v) for k, v in self.places.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SkipReport":
+        return cls(dict(d.get("counts", {})), {k: list(v) for k, v in d.get("places", {}).items()})
+
+    def summary(self) -> str:
+        return "; ".join(f"{n} x {reason} (first at {', '.join(self.places.get(reason, []))})"
+                         for reason, n in sorted(self.counts.items())) or "nothing skipped"

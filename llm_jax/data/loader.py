@@ -1,0 +1,224 @@
+"""`Loader`: host-local packed numpy batches from a named source, resumable exactly.
+
+The record stream is a Grain `MapDataset`: record indices, this process's
+shard of them (`[shard_index::shard_count]`, by default the JAX process
+index), shuffled by seed with a fresh permutation every epoch, repeated
+without end, and mapped to checked, tokenized examples. Because a MapDataset
+is random access, the stream's position is a single integer, and the loader's
+whole state is that position, the chunk inside the current record, the few
+examples waiting to be packed, and counters: `get_state()` is a small JSON-able
+dict and `set_state()` on a fresh loader continues with exactly the batches an
+uninterrupted run would see. On several hosts every process keeps its own
+state (its own shard); restoring needs the same number of processes.
+
+A batch holds `batch_size // shard_count` rows (this process's part of the
+global batch; the caller places it with `sharding.shard_batch`). Examples are
+packed first-fit in stream order; one that fits in no row waits ("pending")
+and is placed first in the next batch; a batch is done when its rows are full
+or `pack_lookahead` examples wait. A long pretraining document yields several
+chunks (`formats`), and `chunk` counts those of the current record already
+taken from the stream.
+
+Batches:
+    pretrain / sft:  inputs, targets, weights, positions, segment_ids     [rows, seq_len]
+    preferences:     chosen_{same five}, rejected_{same five}             [rows, seq_len]
+                     pair_mask                                            [rows, max_segments]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grain
+import jax
+import numpy as np
+
+from llm_jax.data.errors import DataError, SkipReport
+from llm_jax.data.formats import to_examples
+from llm_jax.data.packing import PAIR_PREFIXES, FirstFit, empty_batch, write
+from llm_jax.data.records import check_record
+from llm_jax.data.sources import Source, open_source
+
+STATE_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where records come from and how they become batches."""
+
+    source: str = "builtin:pretrain"  # see llm_jax.data.sources
+    split: str = "train"
+    seq_len: int = 128
+    batch_size: int = 32  # global rows per step, over all processes
+    seed: int = 0  # shuffling, and the built-in world's generator
+    kind: str | None = None  # pretrain | sft | preferences; None: implied by the source
+    data_dir: str | None = None  # tfds: where prepared datasets live (may be gs://)
+    cache_dir: str = "~/.cache/llm_jax/data"  # jsonl/text: where their datasets are built
+    size: int = 10_000  # builtin: train records (eval: size // 10, at least 100)
+    max_segments: int = 16  # sequences per row at most; the static width of per-sequence scores
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: endless; 1: one pass (evaluation), last batch padded
+    download: bool = False  # tfds: download and prepare when not found in data_dir
+    pack_lookahead: int = 16  # examples that may wait for a later batch when they fit no row
+
+    def validate(self) -> "DataConfig":
+        for name in ("seq_len", "batch_size", "max_segments", "pack_lookahead"):
+            if getattr(self, name) < 1:
+                raise DataError(f"data.{name}={getattr(self, name)} must be positive")
+        return self
+
+
+def _examples(source: Source, kind: str, tokenizer, seq_len: int, index: int):
+    """(index, raw record, examples-and-truncations or reason) for one record."""
+    raw = source.records[int(index)]
+    rec = check_record(raw, kind)
+    return index, raw, rec if isinstance(rec, str) else to_examples(rec, kind, tokenizer, seq_len)
+
+
+class Loader:
+    """Endless (or `num_epochs`) host-local batches; see the module docstring."""
+
+    def __init__(self, config: DataConfig, tokenizer, *, shard_index: int | None = None,
+                 shard_count: int | None = None):
+        self.config = c = config.validate()
+        self.shard_index = jax.process_index() if shard_index is None else shard_index
+        self.shard_count = jax.process_count() if shard_count is None else shard_count
+        if c.batch_size % self.shard_count:
+            raise DataError(f"data.batch_size={c.batch_size} is not divisible by the "
+                            f"{self.shard_count} processes that share it")
+        self.rows = c.batch_size // self.shard_count
+        self.source = open_source(c.source, split=c.split, kind=c.kind, seed=c.seed, size=c.size,
+                                  data_dir=c.data_dir, cache_dir=c.cache_dir, download=c.download)
+        self.kind = self.source.kind
+        self.pad_id = tokenizer.pad_id
+
+        # Equal shards on every process (up to shard_count - 1 records are left
+        # out), so epochs line up across hosts.
+        n = len(self.source.records) // self.shard_count * self.shard_count
+        ds = grain.MapDataset.range(n)[self.shard_index::self.shard_count]
+        self.epoch_len = len(ds)
+        if self.epoch_len == 0:
+            raise DataError(f"{c.source} ({c.split}): {len(self.source.records)} records cannot be "
+                            f"shared by {self.shard_count} processes")
+        if c.shuffle:
+            ds = ds.shuffle(seed=c.seed)
+        ds = ds.repeat(c.num_epochs)  # reseeds the shuffle every epoch
+        self._stream = ds.map(lambda i: _examples(self.source, self.kind, tokenizer, c.seq_len, i))
+        self._length = None if c.num_epochs is None else self.epoch_len * c.num_epochs
+        self.set_state(self._fresh_state())
+        # Fail before training starts when no record is usable (bad file,
+        # wrong kind, every prompt too long): build one batch and discard it.
+        self._next_batch(dry_run=True)
+
+    # -- state ---------------------------------------------------------------
+
+    def _fresh_state(self) -> dict:
+        c = self.config
+        return {"version": STATE_VERSION, "source": c.source, "split": c.split, "seed": c.seed,
+                "shard": [self.shard_index, self.shard_count], "position": 0, "chunk": 0, "pending": [],
+                "skipped": SkipReport().to_dict(), "records": 0, "truncated": 0,
+                "real_slots": 0, "slots": 0}
+
+    def get_state(self) -> dict:
+        """A small JSON-able dict: where the stream is and what was counted so far."""
+        return {**self._state, "skipped": self._skipped.to_dict()}
+
+    def set_state(self, state: dict) -> None:
+        expect = self._fresh_state()
+        for key in ("version", "source", "split", "seed", "shard"):
+            got = list(state[key]) if isinstance(state.get(key), (list, tuple)) else state.get(key)
+            if got != expect[key]:
+                raise DataError(f"data state was saved with {key}={state.get(key)!r}, but this loader "
+                                f"has {key}={expect[key]!r}: it would not continue the same stream")
+        self._state = {**expect, **state}
+        self._skipped = SkipReport.from_dict(state["skipped"])
+
+    @property
+    def stats(self) -> dict:
+        """Counters for the stage's metrics. Records are counted in their first epoch only."""
+        s = self._state
+        return {"records_used": s["records"], "truncated": s["truncated"],
+                "skipped": dict(self._skipped.counts), "skipped_at": dict(self._skipped.places),
+                "skipped_when_built": self.source.build_report.to_dict(),
+                "packing_efficiency": s["real_slots"] / max(s["slots"], 1)}
+
+    # -- batches ---------------------------------------------------------------
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return self._next_batch()
+
+    def _item(self, pos: int, chunk: int) -> tuple:
+        """Example `chunk` of stream position `pos`, as a tuple over the tensor sets."""
+        example = self._stream[pos][2][0][chunk]
+        return example if self.kind == "preferences" else (example,)
+
+    def _next_batch(self, dry_run: bool = False) -> dict[str, np.ndarray]:
+        """Fills one batch: first the examples left over from earlier batches, then
+        new ones from the stream; an example that fits no row waits (in state
+        "pending") for the next batch, up to `pack_lookahead` of them."""
+        c = self.config
+        s = {**self._state, "pending": [list(p) for p in self._state["pending"]]}
+        skipped = SkipReport.from_dict(self._skipped.to_dict())
+        prefixes = PAIR_PREFIXES if self.kind == "preferences" else ("",)
+        batch = empty_batch(self.rows, c.seq_len, prefixes, self.pad_id,
+                            c.max_segments if len(prefixes) == 2 else None)
+        packer = FirstFit(c.seq_len, self.rows, c.max_segments, streams=len(prefixes))
+
+        def put(item) -> bool:
+            spot = packer.place([len(ex[0]) - 1 for ex in item])
+            if spot is not None:
+                row, seg, offsets = spot
+                for prefix, ex, off in zip(prefixes, item, offsets):
+                    write(batch, prefix, ex, row, off, seg)
+                if "pair_mask" in batch:
+                    batch["pair_mask"][row, seg - 1] = 1.0
+            return spot is not None
+
+        waiting, s["pending"] = s["pending"], []
+        for pos, chunk in waiting:  # oldest first: nothing waits for long
+            if not put(self._item(pos, chunk)):
+                s["pending"].append([pos, chunk])
+        placed, misses = len(waiting) - len(s["pending"]), 0
+        while (len(s["pending"]) < c.pack_lookahead and not packer.full()
+               and (self._length is None or s["position"] < self._length)):
+            pos, chunk = s["position"], s["chunk"]
+            index, raw, result = self._stream[pos]
+            first_epoch = pos < self.epoch_len  # count each record once, not once per epoch
+            if isinstance(result, str):
+                if first_epoch:
+                    skipped.add(result, self.source.place(index, raw))
+                s["position"], misses = pos + 1, misses + 1
+                if misses >= self.epoch_len:
+                    raise DataError(f"{c.source} ({c.split}, shard {self.shard_index}/{self.shard_count}): "
+                                    f"no usable {self.kind} record in a whole pass; "
+                                    f"skipped: {skipped.summary()}")
+                continue
+            misses = 0
+            examples, truncations = result
+            if put(examples[chunk] if len(prefixes) == 2 else (examples[chunk],)):
+                placed += 1
+            else:
+                s["pending"].append([pos, chunk])
+            s["chunk"] = chunk + 1
+            if s["chunk"] == len(examples):
+                if first_epoch:
+                    s["records"] += 1
+                    s["truncated"] += truncations
+                s["position"], s["chunk"] = pos + 1, 0
+        if placed == 0:
+            if dry_run:
+                raise DataError(f"{c.source} ({c.split}): no usable {self.kind} record; "
+                                f"skipped: {skipped.summary()}")
+            raise StopIteration
+        return self._finish(batch, s, skipped, dry_run)
+
+    def _finish(self, batch, s, skipped, dry_run):
+        segs = [batch[p + "segment_ids"] for p in (PAIR_PREFIXES if "pair_mask" in batch else ("",))]
+        s["real_slots"] += int(sum((x > 0).sum() for x in segs))
+        s["slots"] += int(sum(x.size for x in segs))
+        if not dry_run:
+            self._state, self._skipped = s, skipped
+        return batch

@@ -1,0 +1,114 @@
+"""The built-in world: scorers, held-out splits, formats of each view, preference verifiers."""
+
+import json
+import random
+
+import pytest
+
+from llm_jax.data import builtin, preferences
+from llm_jax.data.sources import open_source
+
+
+def test_scorers_on_hand_checked_answers():
+    score = builtin.score
+    assert score("translate", "Blume", "flower") and not score("translate", "Blume", "dog")
+    assert score("sort", "3 1 2", "1 2 3") and not score("sort", "3 1 2", "1 2") and not score("sort", "3 1 2", "3 1 2")
+    assert score("reverse", "a b c", "c b a") and not score("reverse", "a b c", "a b c")
+    assert score("square", "7", "49") and not score("square", "7", "14")
+    assert score("add", "3 + 4", " 7 ") and not score("add", "3 + 4", "seven")
+    assert score("copy", "A B C A", "B C") and not score("copy", "A B C A", "C")
+    q = "name=Alice, age=10, city=Berlin"
+    assert score("format", q, '{"city": "Berlin", "age": 10, "name": "Alice"}')  # JSON equality
+    assert not score("format", q, '{"name": "Alice", "age": "10", "city": "Berlin"}')
+    assert not score("format", q, "name: Alice")
+    for task, gen in builtin.TASKS.items():  # every generated answer passes its own scorer
+        rng = random.Random(task)
+        assert all(score(task, *gen(rng)) for _ in range(200)), task
+
+
+def test_instructions_parse_back_and_score():
+    assert builtin.instruction("translate", "Blume") == "Translate Blume from German to English."
+    assert builtin.parse_instruction("What is 7 squared?") == ("square", "7")
+    assert builtin.parse_instruction("What is 3 + 4?") == ("add", "3 + 4")
+    assert builtin.parse_instruction("Sort these numbers: 3 1 2") == ("sort", "3 1 2")
+    assert builtin.score_instruction("Format as JSON: name=Bob, age=25, city=Munich",
+                                     json.dumps({"name": "Bob", "age": 25, "city": "Munich"})) == 1.0
+    assert builtin.score_instruction("Reverse: a b c", "a b c") == 0.0
+    assert builtin.score_instruction("Tell me a joke.", "no") is None
+
+
+def _lines(doc):
+    return [tuple(line.split(" -> ")) for line in doc.strip().split("\n")]
+
+
+def test_pretraining_splits_share_no_item_or_prompt():
+    train = builtin.pretrain_documents(0, 3000, split="train")
+    evals = builtin.pretrain_documents(1, 600, split="eval")
+    open_tasks = [t for t in builtin.TASKS if t not in builtin.CLOSED_TASKS]
+    train_queries = {q for d in train for q, _ in _lines(d)}
+    eval_queries = {q for d in evals for q, _ in _lines(d)}
+    # open tasks: no query of an eval document appears anywhere in training
+    for t in open_tasks:
+        rng = random.Random(t)
+        eval_items = {builtin.draw_item(rng, t, "eval")[0] for _ in range(50)}
+        assert not eval_items & train_queries, t
+    assert eval_queries - train_queries  # and eval documents do use unseen queries
+    # closed tasks: no eval document (prompt) is a training document, but the words are shared
+    assert not set(evals) & set(train)
+    rng = random.Random(5)
+    probes = [builtin.icl_probe(rng, "translate", 3) for _ in range(100)]
+    assert all(p["query"] in builtin.GERMAN_ENGLISH for p in probes)
+    train_prompts = {d for d in train}
+    assert not any(p["prompt"] + f" {p['answer']}\n" in train_prompts for p in probes)
+    assert all(builtin.score("translate", p["query"], p["answer"]) for p in probes)
+
+
+def test_pretraining_never_shows_the_instruction_format():
+    docs = "".join(builtin.pretrain_documents(0, 2000))
+    fixed_words = [part.strip() for t in builtin.INSTRUCTIONS.values() for part in t.split("{q}")]
+    assert len([w for w in fixed_words if w]) == 10  # "Reverse:", "from German to English.", "?", ...
+    for words in filter(None, fixed_words):
+        assert words not in docs, words
+
+
+def test_sft_splits_are_disjoint_by_task_and_query():
+    train = open_source("builtin:sft", split="train", size=3000).records
+    evals = open_source("builtin:sft", split="eval", size=3000).records
+    assert len(train) == 3000 and len(evals) == 300  # one `size` scales both
+    tq = {(r["task"], r["query"]) for r in train}
+    eq = {(r["task"], r["query"]) for r in evals}
+    assert tq and eq and not tq & eq
+    for r in list(evals)[:100]:
+        assert builtin.score_instruction(r["prompt"], r["response"]) == 1.0
+    # SFT-eval translation words are still known from pretraining (the table)
+    assert {q for t, q in eq if t == "translate"} <= set(builtin.GERMAN_ENGLISH)
+
+
+def test_preferences_every_kind_verifies_and_splits():
+    train = open_source("builtin:preferences", split="train", size=600).records
+    evals = open_source("builtin:preferences", split="eval", size=600).records
+    kinds = {r["kind"] for r in evals}
+    assert kinds == set(preferences.PREFERENCE_KINDS)
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in evals}
+    for r in list(train) + list(evals):
+        assert preferences.prefers(r, r["chosen"]), r
+        assert not preferences.prefers(r, r["rejected"]), r
+    polite = next(r for r in evals if r["kind"] == "polite")
+    assert len(polite["chosen"]) > len(polite["rejected"])
+
+
+def test_builtin_records_are_deterministic_and_seeded():
+    a = open_source("builtin:pretrain", size=50, seed=3).records
+    b = open_source("builtin:pretrain", size=50, seed=3).records
+    c = open_source("builtin:pretrain", size=50, seed=4).records
+    assert [a[i] for i in range(50)] == [b[i] for i in range(50)] != [c[i] for i in range(50)]
+    sub = open_source("builtin:sft/translate,square", size=50).records
+    assert {r["task"] for r in sub} == {"translate", "square"}
+
+
+def test_legacy_helpers_keep_their_signatures():
+    doc = builtin.few_shot_document(random.Random(0), "square", 3)
+    assert len(_lines(doc)) == 3 and all(int(a) == int(q) ** 2 for q, a in _lines(doc))
+    assert len(builtin.pretrain_documents(0, 5)) == 5
+    with pytest.raises(ValueError, match="split"):
+        builtin.few_shot_document(random.Random(0), "sort", 2, split="test")
