@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 from llm_jax import generate, launch, loop, model, sharding, train
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import builtin
-from llm_jax.data.packing import pack_clm, packing_efficiency
+from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
 from llm_jax.stages import pretrain
@@ -31,81 +31,35 @@ from llm_jax.stages import pretrain
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """data.batch_size and data.seq_len are taken from train.* (one source of truth)."""
+
     model: ModelConfig = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=128, num_layers=4,
                                      num_heads=4, d_ff=512, max_len=256)
     optim: OptimizerConfig = OptimizerConfig(lr=3e-3, warmup_steps=30, weight_decay=0.01)
     mesh: MeshConfig = MeshConfig()
     train: TrainConfig = TrainConfig(steps=300, batch_size=32, seq_len=128, log_every=25)
-    train_docs: int = 20_000
-    eval_docs: int = 500
-    data_seed: int = 0  # eval documents use data_seed + 1: never the training stream
+    data: DataConfig = DataConfig(source="builtin:pretrain", size=20_000)
+    data_shards: int = 0  # 0: one per process; fixed N: the same batches on any process count
+    eval_batches: int = 8  # held-out batches (split "eval") for the loss before/after
+    probe_shots: int = 3
 
 
-def encode_docs(tok: ByteTokenizer, docs: list[str]) -> list[list[int]]:
-    return [[tok.bos_id, *tok.encode(d), tok.eos_id] for d in docs]
-
-
-class RowLoader:
-    """Endless shuffled batches of packed rows, epoch after epoch; resumable.
-
-    The state is (epoch, next batch index): the permutation of an epoch is a pure
-    function of (seed, epoch), so restoring the state replays the same batches.
-    Each JAX process yields only its own slice of every global batch."""
-
-    def __init__(self, packed: dict[str, np.ndarray], batch_size: int, seed: int):
-        self.packed, self.batch_size, self.seed = packed, batch_size, seed
-        self.batches_per_epoch = len(packed["inputs"]) // batch_size
-        if self.batches_per_epoch == 0:
-            raise SystemExit(f"only {len(packed['inputs'])} packed rows: fewer than one batch of {batch_size}")
-        self.epoch, self.index = 0, 0
-
-    def get_state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index == self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.packed["inputs"]))
-        idx = np.sort(order[self.index * self.batch_size:(self.index + 1) * self.batch_size])
-        self.index += 1
-        return {k: v[process_slice(idx)] for k, v in self.packed.items()}
-
-
-def process_slice(rows: np.ndarray) -> np.ndarray:
-    """This process's contiguous share of a global batch's rows (the mesh is
-    process-major, so process p's devices hold the p-th share)."""
-    n, p = jax.process_count(), jax.process_index()
-    share = len(rows) // n
-    return rows[p * share:(p + 1) * share]
-
-
-def heldout_loss(cfg: Config, params, packed, mesh) -> float:
+def heldout_loss(cfg: Config, params, eval_loader: ShardedLoader, start: dict, mesh) -> float:
+    """Mean token loss over the first `eval_batches` held-out batches (the same
+    batches every time: a fresh unshuffled loader, the same count on every host)."""
     fn = jax.jit(lambda p, b: pretrain.eval_loss(cfg.model, p, b))
     total, count = 0.0, 0.0
-    bs = cfg.train.batch_size
-    for i in range(0, len(packed["inputs"]) - bs + 1, bs):
-        rows = process_slice(np.arange(i, i + bs))
-        b = sharding.shard_batch({k: v[rows] for k, v in packed.items()}, mesh)
-        s, c = fn(params, b)
+    eval_loader.set_state(start)
+    for _ in range(cfg.eval_batches):
+        s, c = fn(params, sharding.shard_batch(next(eval_loader), mesh))
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
 
 
-def probes(seed: int) -> list[tuple[str, str]]:
-    """Held-out few-shot prompts (3 shots + a query) and their answers."""
-    rng = random.Random(seed)
-    out = []
-    for task in ("copy", "reverse", "sort", "translate", "square", "format"):
-        shots = builtin.few_shot_document(rng, task, 3)
-        q, a = builtin.TASKS[task](rng)
-        out.append((f"{shots}{q} ->", f" {a}"))
-    return out
+def probes(cfg: Config) -> list[dict]:
+    """Held-out few-shot prompts of each task ("split eval": never a training document)."""
+    rng = random.Random(cfg.data.seed + 1)
+    return [builtin.icl_probe(rng, task, cfg.probe_shots) for task in sorted(builtin.TASKS)]
 
 
 def main(argv=None) -> int:
@@ -136,12 +90,13 @@ def main(argv=None) -> int:
         tok.save(os.path.join(workdir, "tokenizer"))
     write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
-    train_packed = pack_clm(encode_docs(tok, builtin.pretrain_documents(cfg.data_seed, cfg.train_docs)),
-                            cfg.train.seq_len)
-    eval_packed = pack_clm(encode_docs(tok, builtin.pretrain_documents(cfg.data_seed + 1, cfg.eval_docs)),
-                           cfg.train.seq_len)
-    say(f"data: {len(train_packed['inputs'])} packed rows of {cfg.train.seq_len} tokens, "
-          f"packing efficiency {packing_efficiency(train_packed):.1%}; mesh {dict(mesh.shape)}")
+    data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size)
+    shards = cfg.data_shards or jax.process_count()
+    loader = ShardedLoader(data_cfg, tok, shards)
+    eval_loader = ShardedLoader(dataclasses.replace(data_cfg, split="eval", shuffle=False), tok, shards)
+    eval_start = eval_loader.get_state()
+    say(f"data: {cfg.data.source} ({loader.epoch_len} records on this process), rows of "
+        f"{cfg.train.seq_len} tokens; mesh {dict(mesh.shape)}")
 
     tx, schedule = train.make_optimizer(cfg.optim, cfg.train.steps)
     state, state_shardings = train.create_train_state(lambda r: model.init(cfg.model, r), tx, mesh,
@@ -151,8 +106,7 @@ def main(argv=None) -> int:
         train.make_train_step(pretrain.clm_loss_fn(cfg.model), pretrain.weight_sum, tx, schedule,
                               cfg.train.microbatches), mesh, state_shardings)
 
-    loss_before = heldout_loss(cfg, state.params, eval_packed, mesh)
-    loader = RowLoader(train_packed, cfg.train.batch_size, cfg.train.seed)
+    loss_before = heldout_loss(cfg, state.params, eval_loader, eval_start, mesh)
     state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train,
                                     progress=say)
     train_time = summary["seconds"]
@@ -160,28 +114,29 @@ def main(argv=None) -> int:
         say(f"stopped at step {cfg.train.stop_after} of {cfg.train.steps} (train.stop_after); "
             "rerun the same command to continue")
         return 0
-    loss_after = heldout_loss(cfg, state.params, eval_packed, mesh)
+    loss_after = heldout_loss(cfg, state.params, eval_loader, eval_start, mesh)
 
     params = jax.device_get(multihost_utils.process_allgather(state.params, tiled=True)
                             if jax.process_count() > 1 else state.params)
     samples, correct = [], 0
-    for prompt, answer in probes(cfg.data_seed + 2):
-        out = tok.decode(generate.generate(cfg.model, params, [[tok.bos_id, *tok.encode(prompt)]],
-                                           max_new_tokens=len(tok.encode(answer)) + 2)[0])
-        got = out.split("\n")[0]
-        correct += got.strip() == answer.strip()
-        samples.append({"prompt": prompt, "expected": answer.strip(), "got": got.strip()})
+    for probe in probes(cfg):
+        out = tok.decode(generate.generate(cfg.model, params, [[tok.bos_id, *tok.encode(probe["prompt"])]],
+                                           max_new_tokens=len(tok.encode(probe["answer"])) + 3)[0])
+        got = out.split("\n")[0].strip()
+        ok = builtin.score(probe["task"], probe["query"], got)
+        correct += ok
+        samples.append({"task": probe["task"], "prompt": probe["prompt"], "expected": probe["answer"],
+                        "got": got, "correct": ok})
     result = {"steps": cfg.train.steps, "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
               "heldout_perplexity_after": float(np.exp(loss_after)), "train_seconds": train_time,
-              "probe_exact_match": correct / len(samples), "samples": samples}
+              "probe_accuracy": correct / len(samples), "data": loader.stats, "samples": samples}
     write_json(eval_path, result)
 
     say(f"\nheld-out loss per token: {loss_before:.3f} before -> {loss_after:.3f} after "
           f"({train_time:.0f}s of training)")
     for s in samples:
         last = s["prompt"].split("\n")[-1]
-        mark = "ok " if s["got"] == s["expected"] else "   "
-        say(f"  {mark}{last!r:32} -> {s['got']!r}  (expected {s['expected']!r})")
+        say(f"  {'ok ' if s['correct'] else '   '}{last!r:34} -> {s['got']!r}  (expected {s['expected']!r})")
     say(f"wrote {workdir}/run.json, pretrain/metrics.jsonl, pretrain/eval.json")
     return 0
 

@@ -11,6 +11,7 @@ numpy batches with `get_state() -> dict` and `set_state(dict)`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -18,9 +19,10 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from llm_jax import sharding
-from llm_jax.checkpoint import Checkpoints, abstract_like
+from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
 from llm_jax.rundir import MetricsLog
 
@@ -61,6 +63,48 @@ class SpikeGuard:
         self.history, self.rollbacks = list(d.get("history", [])), list(d.get("rollbacks", []))
 
 
+MAX_LOADER_STATE = 64 * 1024  # bytes of JSON per process
+
+
+def all_loader_states(loader) -> list[str]:
+    """Every process's loader state (JSON), gathered so process 0's checkpoint holds
+    them all: each process reads its own shard and so has its own position."""
+    mine = json.dumps(loader.get_state(), sort_keys=True).encode()
+    if jax.process_count() == 1:
+        return [mine.decode()]
+    if len(mine) > MAX_LOADER_STATE:
+        raise ValueError(f"loader state of {len(mine)} bytes exceeds {MAX_LOADER_STATE}")
+    buf = np.zeros(MAX_LOADER_STATE, np.uint8)
+    buf[:len(mine)] = np.frombuffer(mine, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(buf))  # [processes, MAX]
+    return [bytes(r).rstrip(b"\0").decode() for r in rows]
+
+
+def restore_loader(loader, saved: list[str]) -> None:
+    """Gives the loader its saved position. A loader keyed by data shard (see
+    `data.loader.ShardedLoader`) takes the merged states of all saving processes,
+    so it resumes on any process count; any other loader needs the same count."""
+    states = [json.loads(x) for x in saved]
+    if all("shards" in s for s in states):
+        loader.set_state({"shards": {k: v for s in states for k, v in s["shards"].items()}})
+        return
+    if len(saved) != jax.process_count():
+        raise CheckpointError(f"the checkpoint holds data positions for {len(saved)} processes, but "
+                              f"{jax.process_count()} are running; resume with the same number of "
+                              "processes (the data stream is sharded per process)")
+    loader.set_state(states[jax.process_index()])
+
+
+def data_metrics(loader) -> dict:
+    """What the loader counted (this process's shard): skipped records, packing."""
+    stats = getattr(loader, "stats", None)
+    if not stats:
+        return {}
+    return {"data_skipped": sum(stats.get("skipped", {}).values()),
+            "data_truncated": stats.get("truncated", 0),
+            "packing_efficiency": stats.get("packing_efficiency", 0.0)}
+
+
 def _skip(loader, n: int) -> None:
     for _ in range(n):
         next(loader)
@@ -80,7 +124,7 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
         if found is None:
             return 0, None
         step, restored, data = found
-        loader.set_state(data["loader"])
+        restore_loader(loader, data["loaders"])
         guard.load_json(data.get("guard", {}))
         return step, restored
 
@@ -90,7 +134,7 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
         progress(f"resumed from step {step} ({ckpts.directory})")
     else:
         # Step 0 on disk: a rollback before the first periodic save has somewhere to go.
-        ckpts.save(0, state, {"loader": loader.get_state(), "guard": guard.to_json()}, force=True)
+        ckpts.save(0, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
 
     t0, steps_done = time.time(), 0
     summary = {"rollbacks": []}
@@ -126,14 +170,15 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
             continue
         guard.record(loss)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = jax.device_get(metrics)
+            metrics = dict(jax.device_get(metrics), **data_metrics(loader))
             log.write(step, metrics)
             rate = steps_done / max(time.time() - t0, 1e-9)
             progress(f"step {step:6d}/{cfg.steps}  loss {loss:.4f}  "
                      + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
                      + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
-        ckpts.save(step, state, {"loader": loader.get_state(), "guard": guard.to_json()},
-                   force=step == last)
+        if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
+            ckpts.save(step, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()},
+                       force=True)
     ckpts.wait()
     ckpts.close()
     summary["seconds"] = time.time() - t0

@@ -94,16 +94,17 @@ def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
 
 
 def run_main(main) -> int:
-    """Runs an experiment's main(); a config, mesh or checkpoint mistake (or a
+    """Runs an experiment's main(); a config, mesh, data or checkpoint mistake (or a
     diverged run) prints what and where and exits 2, instead of a traceback from
     deep inside JAX."""
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
+    from llm_jax.data.errors import DataError
     from llm_jax.loop import TrainingDiverged
     from llm_jax.sharding import MeshError
     try:
         return main()
-    except (ConfigError, MeshError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, MeshError, CheckpointError, DataError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

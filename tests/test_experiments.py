@@ -10,7 +10,7 @@ def test_pretrain_smoke(tmp_path):
     workdir = str(tmp_path / "run")
     sets = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64",
             "model.max_len=64", "train.steps=2", "train.batch_size=8", "train.seq_len=64",
-            "train.log_every=1", "train_docs=100", "eval_docs=20"]
+            "train.log_every=1", "data.size=200", "eval_batches=2"]
     argv = ["--workdir", workdir] + [x for s in sets for x in ("--set", s)]
     assert pretrain.main(argv) == 0
     run = json.load(open(os.path.join(workdir, "run.json")))

@@ -13,13 +13,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.pretrain import RowLoader
 from llm_jax import checkpoint, loop, model, sharding, train
 from llm_jax.config import MeshConfig, OptimizerConfig, TrainConfig, preset
 from llm_jax.stages import pretrain
 
 CFG = preset("tiny")
 B, T = 8, 16
+
+
+class RowLoader:
+    """A minimal resumable loader: batch i of epoch e is rows perm(seed, e)[8i : 8i+8]."""
+
+    def __init__(self, rows: dict, batch_size: int, seed: int):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.per_epoch = len(rows["inputs"]) // batch_size
+        self.epoch, self.index = 0, 0
+
+    def get_state(self):
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state):
+        self.epoch, self.index = state["epoch"], state["index"]
+
+    def __next__(self):
+        if self.index == self.per_epoch:
+            self.epoch, self.index = self.epoch + 1, 0
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows["inputs"]))
+        idx = np.sort(perm[self.index * self.batch_size:(self.index + 1) * self.batch_size])
+        self.index += 1
+        return {k: v[idx] for k, v in self.rows.items()}
 
 
 def packed_rows(n=64, seed=0):

@@ -16,7 +16,8 @@ import pytest
 
 SETS = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64",
         "model.max_len=64", "train.batch_size=8", "train.seq_len=64", "train.log_every=1",
-        "train.checkpoint_every=2", "train_docs=200", "eval_docs=16"]
+        "train.checkpoint_every=2", "data.size=200", "eval_batches=2",
+        "data_shards=2"]  # the same global batches for 1 process or 2
 
 
 def pretrain_cmd(workdir, steps, extra=()):

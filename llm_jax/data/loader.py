@@ -222,3 +222,60 @@ class Loader:
         if not dry_run:
             self._state, self._skipped = s, skipped
         return batch
+
+
+class ShardedLoader:
+    """A global batch built from a fixed number of data shards, whatever the process count.
+
+    With `shards` virtual shards (each a `Loader` over records [s::shards]),
+    process p of P owns shards [p*k, (p+1)*k) with k = shards / P and yields
+    their rows concatenated. The global batch is then the same for 1 process or
+    P processes, so runs are reproducible across hardware, and a checkpoint made
+    by P processes resumes on a different number of them: the state is keyed by
+    shard, not by process."""
+
+    def __init__(self, config: DataConfig, tokenizer, shards: int):
+        processes, me = jax.process_count(), jax.process_index()
+        if shards < 1 or shards % processes:
+            raise DataError(f"data shards={shards} must be a positive multiple of the "
+                            f"{processes} processes")
+        if config.batch_size % shards:
+            raise DataError(f"data.batch_size={config.batch_size} is not divisible by {shards} data shards")
+        k = shards // processes
+        self.shard_ids = list(range(me * k, (me + 1) * k))
+        self.loaders = [Loader(config, tokenizer, shard_index=s, shard_count=shards) for s in self.shard_ids]
+        self.epoch_len = sum(x.epoch_len for x in self.loaders)
+
+    def get_state(self) -> dict:
+        return {"shards": {str(s): x.get_state() for s, x in zip(self.shard_ids, self.loaders)}}
+
+    def set_state(self, state: dict) -> None:
+        """Takes a state holding (at least) this process's shards, e.g. all processes' merged."""
+        shards = state.get("shards", {})
+        missing = [s for s in self.shard_ids if str(s) not in shards]
+        if missing:
+            raise DataError(f"data state has no position for shard(s) {missing} (it has "
+                            f"{sorted(shards, key=int)}): was it saved with a different data shard count?")
+        for s, x in zip(self.shard_ids, self.loaders):
+            x.set_state(shards[str(s)])
+
+    @property
+    def stats(self) -> dict:
+        parts = [x.stats for x in self.loaders]
+        skipped: dict = {}
+        for p in parts:
+            for reason, n in p["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + n
+        slots = [x._state["slots"] for x in self.loaders]
+        real = [x._state["real_slots"] for x in self.loaders]
+        return {"records_used": sum(p["records_used"] for p in parts),
+                "truncated": sum(p["truncated"] for p in parts), "skipped": skipped,
+                "skipped_at": {k: v for p in parts for k, v in p["skipped_at"].items()},
+                "packing_efficiency": sum(real) / max(sum(slots), 1)}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batches = [next(x) for x in self.loaders]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
