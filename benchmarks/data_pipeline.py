@@ -63,6 +63,29 @@ def time_loader(cfg: DataConfig, tok, batches: int) -> dict:
             "startup_s": start, "last_batch_efficiency": packing_efficiency(b)}
 
 
+def train_steps_per_s(model_cfg, batch: dict, steps: int = 5) -> float:
+    """Steps/s of the jitted train step on one device, for the same batch shape."""
+    import jax
+
+    from llm_jax import model, sharding, train
+    from llm_jax.config import MeshConfig, OptimizerConfig
+    from llm_jax.stages import pretrain
+
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    tx, sched = train.make_optimizer(OptimizerConfig(), 100)
+    state, shardings = train.create_train_state(lambda r: model.init(model_cfg, r), tx, mesh, seed=0)
+    step = train.jit_train_step(train.make_train_step(pretrain.clm_loss_fn(model_cfg), pretrain.weight_sum,
+                                                      tx, sched), mesh, shardings)
+    batch = {k: v for k, v in batch.items() if k in ("inputs", "targets", "weights", "positions", "segment_ids")}
+    state, m = step(state, batch)  # compile
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = step(state, batch)
+    jax.block_until_ready(m)
+    return steps / (time.perf_counter() - t0)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batches", type=int, default=40)
@@ -114,6 +137,22 @@ def main(argv=None) -> int:
                      f"{r['efficiency']:.1%} | {r['startup_s']:.2f} | {note} |")
     lines += ["", "Packing efficiency = real (non-padding) token slots / all slots; for preferences "
               "both the chosen and the rejected tensors count."]
+
+    # Is the pipeline the bottleneck? The train step on the same batch shape, beside it.
+    import dataclasses
+
+    from experiments.pretrain import Config
+    from llm_jax.config import preset
+    batch = next(Loader(base, byte, shard_index=0, shard_count=1))
+    lines += ["", "## Beside the train step (same batch 32 x 256, one CPU device)", "",
+              "| model | train steps/s | pipeline batches/s (byte) | pipeline / train |", "|---|---:|---:|---:|"]
+    for name, mcfg in (("tiny preset", dataclasses.replace(preset("tiny"), vocab_size=byte.vocab_size,
+                                                           max_len=SEQ)),
+                       ("main job (experiments.pretrain)", dataclasses.replace(Config().model, max_len=SEQ))):
+        sps = train_steps_per_s(mcfg, batch)
+        lines.append(f"| {name} | {sps:.2f} | {rows[0][1]['batches_per_s']:.2f} | "
+                     f"{rows[0][1]['batches_per_s'] / sps:.0f}x |")
+        print(lines[-1], flush=True)
     with open(OUT, "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {OUT}")

@@ -167,3 +167,18 @@ def test_handoff_names_the_mismatching_weight(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="has that stage run"):
         checkpoint.load_params(str(tmp_path / "nowhere"), abstract)
     shutil.rmtree(stage)
+
+
+def test_half_written_checkpoint_is_never_taken(tmp_path):
+    """Orbax writes a step into '<step>.orbax-checkpoint-tmp-*' and renames it when
+    complete; a crash mid-save leaves such a directory, which must be ignored."""
+    stage = str(tmp_path / "s")
+    run(stage, 4, packed_rows())
+    half = os.path.join(stage, "checkpoints", "6.orbax-checkpoint-tmp-1700000000")
+    os.makedirs(os.path.join(half, "state"))
+    open(os.path.join(half, "state", "manifest.ocdbt"), "wb").write(b"partial")
+    ckpts = checkpoint.Checkpoints(os.path.join(stage, "checkpoints"), save_every=2)
+    assert ckpts.steps() == [0, 2, 4]
+    ckpts.close()
+    _, summary = run(stage, 6, packed_rows())
+    assert summary["steps_run"] == 2  # continued from 4, not from the half-written 6
