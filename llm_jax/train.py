@@ -106,23 +106,30 @@ def split_microbatches(batch: dict, n: int) -> dict:
 def make_train_step(loss_fn: LossFn, normalizer_fn: Callable[[dict], jax.Array],
                     optimizer: optax.GradientTransformation, schedule: optax.Schedule | None = None,
                     microbatches: int = 1):
-    """The pure (un-jitted) step. See `jit_train_step` for the compiled, sharded one."""
+    """The pure (un-jitted) step `train_step(state, batch, frozen=None)`. See
+    `jit_train_step` for the compiled, sharded one.
+
+    `frozen` is an optional PyTree of arrays the loss reads but does not train
+    (a reference model's params, a reward model): when given, the loss is called
+    as `loss_fn(params, batch, rng, normalizer, frozen)`. It is an argument, not a
+    closure, so jit does not bake gigabytes of weights into the program as constants."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict):
+    def train_step(state: TrainState, batch: dict, frozen: Any = None):
         rng = jax.random.fold_in(state.rng, state.step)
         normalizer = normalizer_fn(batch)  # global: over all microbatches and devices
+        extra = () if frozen is None else (frozen,)
         if microbatches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, rng, normalizer)
+            (loss, metrics), grads = grad_fn(state.params, batch, rng, normalizer, *extra)
         else:
             def body(acc, xs):
                 i, mb = xs
                 mb = jax.tree.map(sharding.constrain_activations, mb)
-                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), normalizer)
+                (l, m), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i), normalizer, *extra)
                 return jax.tree.map(jnp.add, acc, (l, m, g)), None
 
             first = jax.tree.map(lambda x: x[0], split_microbatches(batch, microbatches))
-            shapes = jax.eval_shape(grad_fn, state.params, first, rng, normalizer)
+            shapes = jax.eval_shape(grad_fn, state.params, first, rng, normalizer, *extra)
             (l0, m0), g0 = shapes
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, m0, g0))
             xs = (jnp.arange(microbatches), split_microbatches(batch, microbatches))
@@ -147,13 +154,13 @@ def jit_train_step(train_step, mesh: jax.sharding.Mesh, state_shardings: Any):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     jitted = jax.jit(train_step, out_shardings=(state_shardings, replicated), donate_argnums=0)
 
-    def step(state, batch):
+    def step(state, batch, frozen=None):
         with jax.set_mesh(mesh):  # activation constraints read the mesh at trace time
-            return jitted(state, batch)
-    step.lower = lambda state, batch: _lower(jitted, mesh, state, batch)
+            return jitted(state, batch, frozen)
+    step.lower = lambda state, batch, frozen=None: _lower(jitted, mesh, state, batch, frozen)
     return step
 
 
-def _lower(jitted, mesh, state, batch):
+def _lower(jitted, mesh, state, batch, frozen=None):
     with jax.set_mesh(mesh):
-        return jitted.lower(state, batch)
+        return jitted.lower(state, batch, frozen)
