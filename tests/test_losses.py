@@ -372,6 +372,38 @@ def test_dpo_loss_matches_numpy(pairs, jit, label_smoothing, normalizer):
     assert_close(fn(*pairs), expected)
 
 
+
+@pytest.mark.parametrize("normalizer", [None, 8.0])
+def test_pair_losses_weights_drop_padding_pairs(pairs, normalizer):
+    """Weighted pair losses equal the loss over the kept pairs only (the empty slots
+    of a packed preference batch must not count as pairs)."""
+    keep = np.array([1, 0, 1, 1, 0, 1], np.float32)
+    pc, pr, rc, rr = (x.astype(np.float64) for x in pairs)
+    h = (pc - pr) - (rc - rr)
+    denom = keep.sum() if normalizer is None else normalizer
+    cases = [
+        (losses.reward_model_loss(pairs[0] / 10, pairs[1] / 10, None, normalizer, weights=keep),
+         -np_log_sigmoid((pc - pr) / 10)),
+        (losses.dpo_loss(*pairs, beta=0.3, label_smoothing=0.1, normalizer=normalizer, weights=keep),
+         -0.9 * np_log_sigmoid(0.3 * h) - 0.1 * np_log_sigmoid(-0.3 * h)),
+        (losses.ipo_loss(*pairs, beta=0.3, normalizer=normalizer, weights=keep),
+         (h - 1 / 0.6) ** 2),
+    ]
+    for got, per_pair in cases:
+        assert_close(got, (per_pair * keep).sum() / denom)
+
+
+def test_token_logprobs_out_of_range_and_masked_vocab():
+    """An invalid target id (padding -1, or >= V) reads log-prob 0 instead of a wrapped
+    index or NaN; a -inf logit elsewhere in the vocabulary does not poison the result."""
+    logits = np.array([[[0.0, 1.0, 2.0], [0.0, -np.inf, 1.0]]], np.float32)
+    got = np.asarray(losses.token_logprobs(logits, np.array([[-1, 2]])))
+    want_second = 1.0 - np.log(1.0 + np.e)
+    np.testing.assert_allclose(got, [[0.0, want_second]], rtol=1e-6)
+    got = np.asarray(losses.token_logprobs(logits, np.array([[3, 0]])))
+    np.testing.assert_allclose(got, [[0.0, -np.log(1.0 + np.e)]], rtol=1e-6)
+
+
 def test_dpo_toy_example():
     pc, pr = math.log(0.65), math.log(0.20)  # policy pi(y_w), pi(y_l)
     rc, rr = math.log(0.42), math.log(0.38)  # reference
