@@ -160,6 +160,32 @@ def _linear(x, w, b=None, spec="btd,df->btf"):
     return y if b is None else y + b
 
 
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@jax.custom_jvp
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    """GELU, tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    Same values as `jax.nn.gelu(x, approximate=True)`, with a hand-written
+    derivative: autodiff of the tanh form keeps five [B, T, F] intermediates per
+    layer for the backward pass, this keeps one (the derivative itself), which
+    cuts the step's temporary memory and traffic on every backend. A custom JVP
+    (not VJP) so forward-mode differentiation keeps working."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+@gelu_tanh.defjvp
+def _gelu_tanh_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    x = jnp.asarray(x)
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    t = jnp.tanh(_GELU_C * (xf + 0.044715 * xf ** 3))
+    d = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * xf * xf)
+    # The primal exactly as jax.nn.gelu computes it (XLA shares the tanh).
+    return jax.nn.gelu(x, approximate=True), (d * dx).astype(x.dtype)
+
+
 def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
           mask: jax.Array | None, kv: tuple | None = None, dropout_rng: jax.Array | None = None):
     """One pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
@@ -195,7 +221,7 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
     if c.mlp == "swiglu":
         up = jax.nn.silu(_linear(h, m["gate"], m.get("gate_bias"))) * up
     else:
-        up = jax.nn.gelu(up, approximate=True)  # GPT-2's tanh form
+        up = gelu_tanh(up)  # GPT-2's tanh form
     out = _linear(up, m["down"], m.get("down_bias"), "btf,fd->btd")
     x = x + _dropout(out, c.dropout, rngs[1])
     return constrain_activations(x), new_kv
@@ -306,9 +332,48 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
     return hidden, new_cache
 
 
+@jax.custom_vjp
+def _tied_logits(hidden: jax.Array, embed: jax.Array) -> jax.Array:
+    """hidden [B, T, D] @ embed[V, D]^T -> float32 [B, T, V], with a backward that
+    contracts in the order XLA:CPU handles without copying (see `lm_logits`)."""
+    return jnp.einsum("btd,vd->btv", hidden, embed, preferred_element_type=jnp.float32)
+
+
+def _tied_logits_fwd(hidden, embed):
+    return _tied_logits(hidden, embed), (hidden, embed)
+
+
+def _tied_logits_bwd(res, g):
+    hidden, embed = res
+    g = g.astype(jnp.promote_types(hidden.dtype, embed.dtype))
+    d_hidden = jnp.einsum("btv,vd->btd", g, embed, preferred_element_type=jnp.float32)
+    # (hidden^T @ g)^T, not g^T @ hidden: transposes the small [B*T, D] and [D, V]
+    # operands instead of the whole [B*T, V] logits gradient.
+    d_embed = jnp.einsum("btd,btv->dv", hidden, g, preferred_element_type=jnp.float32).T
+    return d_hidden.astype(hidden.dtype), d_embed.astype(embed.dtype)
+
+
+_tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
+
+
+def _cpu_tied_head() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:
-    """[B, T, D] -> float32 logits [B, T, V] (tied: the embedding matrix transposed)."""
+    """[B, T, D] -> float32 logits [B, T, V] (tied: the embedding matrix transposed).
+
+    With tied embeddings on CPU the head has a custom backward: autodiff forms the
+    embedding gradient as dlogits^T @ hidden, which contracts the major axis of the
+    [B*T, V] float32 dlogits, and XLA:CPU then writes a transposed copy of that
+    whole array (64 MiB per step in the benchmark) and computes the fused dlogits
+    twice. GPUs and TPUs take either operand order without a copy, and there the
+    extra [D, V] transpose would be pure cost, so the choice is made by backend
+    (like `attention(impl="auto")`). The forward-mode derivative is not defined
+    for the CPU form; use untied embeddings or another backend for jvp."""
     dtype = jnp.dtype(config.dtype)
+    if config.tie_embeddings and _cpu_tied_head():
+        return _tied_logits(hidden, params["embed"].astype(dtype))
     w = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [D, V]
     return jnp.einsum("btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32)
 
