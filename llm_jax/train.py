@@ -87,6 +87,21 @@ def create_train_state(init_params: Callable[[jax.Array], Params], optimizer: op
     return sharding.sharded_init(init, mesh, jax.random.PRNGKey(seed))
 
 
+def state_from_params(params: Params, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh,
+                      seed: int) -> tuple[TrainState, Any]:
+    """A fresh TrainState around given params (a stage starting from the previous
+    stage's weights): params are placed by the partitioning table and passed to the
+    compiled init as an argument (not baked in as constants); the optimizer state
+    is born sharded like them. Returns (state, state_shardings)."""
+    params = jax.device_put(params, sharding.tree_shardings(params, mesh))
+
+    def init(params, rng):
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.split(rng)[1])
+
+    return sharding.sharded_init(init, mesh, params, jax.random.PRNGKey(seed))
+
+
 # ---------------------------------------------------------------------------
 # Step
 

@@ -232,3 +232,25 @@ def test_frozen_argument_reaches_the_loss_and_is_not_trained():
     np.testing.assert_allclose(got[0], want, rtol=1e-5)
     np.testing.assert_allclose(got[1], want, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(frozen["w"]), np.arange(3.0))
+
+
+def test_state_from_params_keeps_the_weights_and_shards_them():
+    """A stage that starts from given weights: same values, placed by the table,
+    fresh (zero) Adam moments, and it trains like a state built by create_train_state."""
+    mesh = sharding.make_mesh(MeshConfig(2, 4, 1), jax.devices())
+    params = model.init(CFG, jax.random.PRNGKey(5))
+    tx, schedule = train.make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=1), 10)
+    state, shardings = train.state_from_params(params, tx, mesh, seed=0)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert state.params["embed"].sharding.spec == sharding.spec_for(
+        (jax.tree_util.DictKey("embed"),), params["embed"].shape, mesh)
+    assert all(float(jnp.abs(x).max()) == 0 for x in jax.tree.leaves(state.opt_state)
+               if x.dtype == jnp.float32 and x.ndim > 0)
+    ref_state, ref_shardings = train.create_train_state(
+        lambda r: model.init(CFG, jax.random.PRNGKey(5)), tx, mesh, seed=0)
+    step = train.make_train_step(pretrain.clm_loss_fn(CFG), pretrain.weight_sum, tx, schedule)
+    batch = sharding.shard_batch(make_batches(1)[0], mesh)
+    _, m1 = train.jit_train_step(step, mesh, shardings)(state, batch)
+    _, m2 = train.jit_train_step(step, mesh, ref_shardings)(ref_state, batch)
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-6)
