@@ -140,11 +140,14 @@ def check_tree_matches(expected: Any, found: Any, where: str) -> None:
         raise CheckpointError(f"weights in {where} do not fit this model config:\n  {shown}")
 
 
-def load_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None) -> Any:
+def load_params(checkpoint_dir: str, abstract_params: Any, step: int | None = None,
+                key: str | None = None) -> Any:
     """Restores only `params` from a stage's checkpoints onto `abstract_params`' shardings.
 
     `abstract_params` is e.g. `abstract_like(...)` or `jax.eval_shape(init)` with
-    shardings attached. The optimizer state in the checkpoint is never read."""
+    shardings attached. The optimizer state in the checkpoint is never read.
+    `key` restores one subtree of the saved params instead (e.g. "policy" of
+    PPO's {"policy", "value"}); the rest is not read either."""
     checkpoint_dir = os.path.abspath(checkpoint_dir)
     if not os.path.isdir(checkpoint_dir):
         raise CheckpointError(f"no checkpoints at {checkpoint_dir}: has that stage run?")
@@ -157,11 +160,20 @@ def load_params(checkpoint_dir: str, abstract_params: Any, step: int | None = No
         meta = manager.item_metadata(step)[STATE]
         tree = getattr(meta, "tree", meta)
         saved = tree["params"] if isinstance(tree, dict) else getattr(tree, "params")
-        check_tree_matches(abstract_params, saved, f"{checkpoint_dir} step {step}")
+        where = f"{checkpoint_dir} step {step}"
+        if key is not None:
+            if not isinstance(saved, dict) or key not in saved:
+                found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+                raise CheckpointError(f"{where}: params have no {key!r} part (found {found})")
+            saved = saved[key]
+        check_tree_matches(abstract_params, saved, where)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+        if key is not None:
+            abstract_params, restore_args = {key: abstract_params}, {key: restore_args}
         target = {"params": abstract_params}
         out = manager.restore(step, args=ocp.args.Composite(**{STATE: ocp.args.PyTreeRestore(
             item=target, restore_args={"params": restore_args}, partial_restore=True)}))
-        return out[STATE]["params"]
+        params = out[STATE]["params"]
+        return params if key is None else params[key]
     finally:
         manager.close()

@@ -182,3 +182,23 @@ def test_half_written_checkpoint_is_never_taken(tmp_path):
     ckpts.close()
     _, summary = run(stage, 6, packed_rows())
     assert summary["steps_run"] == 2  # continued from 4, not from the half-written 6
+
+
+def test_load_one_part_of_the_params(tmp_path):
+    """Hand-off of one subtree (PPO's policy out of {"policy", "value"}): only that
+    part is checked and restored; a missing part is named."""
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+    tx = train.make_optimizer(OptimizerConfig(), 10)[0]
+    state, shardings = train.create_train_state(
+        lambda r: {"policy": model.init(CFG, r), "value": {"w": jnp.ones((3,))}}, tx, mesh, seed=0)
+    ckpts = checkpoint.Checkpoints(str(tmp_path / "c"), save_every=1)
+    ckpts.save(1, state, {"loaders": []}, force=True)
+    ckpts.wait()
+    ckpts.close()
+    abstract = jax.eval_shape(lambda r: model.init(CFG, r), jax.random.PRNGKey(0))
+    abstract = checkpoint.abstract_like(abstract, sharding.tree_shardings(abstract, mesh))
+    got = checkpoint.load_params(str(tmp_path / "c"), abstract, key="policy")
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(state.params["policy"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(checkpoint.CheckpointError, match=r"no 'actor' part \(found \['policy', 'value'\]\)"):
+        checkpoint.load_params(str(tmp_path / "c"), abstract, key="actor")
