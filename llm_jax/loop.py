@@ -24,7 +24,9 @@ from jax.experimental import multihost_utils
 from llm_jax import sharding
 from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
-from llm_jax.rundir import MetricsLog
+from llm_jax.progress import ProgressBar
+from llm_jax.rundir import MetricsLog, is_primary
+from llm_jax.tensorboard import SummaryWriter
 
 
 class TrainingDiverged(RuntimeError):
@@ -110,9 +112,45 @@ def _skip(loader, n: int) -> None:
         next(loader)
 
 
+class _Reporter:
+    """Where a stage's numbers go besides metrics.jsonl: a per-step progress bar and
+    TensorBoard scalars in DIR/<stage>/tensorboard (both on the primary process only),
+    and the caller's `progress` text lines, printed around the bar."""
+
+    def __init__(self, stage_dir: str, total: int, initial: int, progress: Callable[[str], None],
+                 show_progress: bool):
+        primary = is_primary()
+        name = os.path.basename(os.path.normpath(stage_dir))
+        self.bar = ProgressBar(total, name, enabled=show_progress and primary, initial=initial)
+        self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard")) if primary else None
+        self.progress = progress
+
+    def say(self, message: str) -> None:
+        self.bar.clear()  # a terminal bar would otherwise run into the message
+        self.progress(message)
+        self.bar.redraw()
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.scalar(k, float(v), step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
 def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loader, mesh,
-              cfg: TrainConfig, *, progress: Callable[[str], None] = print) -> tuple[Any, dict]:
-    """Trains `state` to cfg.steps, resuming from DIR/<stage>/checkpoints if present."""
+              cfg: TrainConfig, *, progress: Callable[[str], None] = print,
+              show_progress: bool = True) -> tuple[Any, dict]:
+    """Trains `state` to cfg.steps, resuming from DIR/<stage>/checkpoints if present.
+
+    `progress` gets the text lines (every log_every steps, resume, rollback);
+    `show_progress` adds a progress bar on stderr updated every step. Logged metrics
+    also go to TensorBoard under DIR/<stage>/tensorboard.
+    """
     ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
                         keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     abstract = abstract_like(state, shardings)
@@ -136,49 +174,57 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
         # Step 0 on disk: a rollback before the first periodic save has somewhere to go.
         ckpts.save(0, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
 
+    report = _Reporter(stage_dir, cfg.steps, step, progress, show_progress)
+    progress = report.say  # the text lines, printed around the bar
     t0, steps_done = time.time(), 0
     summary = {"rollbacks": []}
     last = min(cfg.steps, cfg.stop_after) if cfg.stop_after > 0 else cfg.steps
-    while step < last:
-        batch = next(loader)
-        state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
-        step += 1
-        steps_done += 1
-        loss = float(metrics["loss"])  # one host sync per step: the guard needs it
-        if guard.is_spike(loss):
-            guard.rollbacks.append(step)
-            if guard.too_many(step):
+    try:
+        while step < last:
+            batch = next(loader)
+            state, metrics = step_fn(state, sharding.shard_batch(batch, mesh))
+            step += 1
+            steps_done += 1
+            loss = float(metrics["loss"])  # one host sync per step: the guard needs it
+            report.bar.update(step, loss=loss)
+            if guard.is_spike(loss):
+                guard.rollbacks.append(step)
+                if guard.too_many(step):
+                    ckpts.wait()
+                    raise TrainingDiverged(
+                        f"{len(guard.rollbacks)} loss spikes (steps {guard.rollbacks}) within "
+                        f"{cfg.rollback_window} steps; last loss {loss} vs median "
+                        f"{np.median(guard.history) if guard.history else float('nan'):.4g}. "
+                        f"Checkpoints in {ckpts.directory}; lower optim.lr or check the data.")
                 ckpts.wait()
-                raise TrainingDiverged(
-                    f"{len(guard.rollbacks)} loss spikes (steps {guard.rollbacks}) within "
-                    f"{cfg.rollback_window} steps; last loss {loss} vs median "
-                    f"{np.median(guard.history) if guard.history else float('nan'):.4g}. "
-                    f"Checkpoints in {ckpts.directory}; lower optim.lr or check the data.")
-            ckpts.wait()
-            spikes = list(guard.rollbacks)
-            back, state_back = restore()  # restores the loader and guard as they were then
-            guard.rollbacks = spikes  # ...but keep counting this spike
-            skipped = step - back
-            _skip(loader, skipped)  # skip the batches that led up to the spike
-            event = {"rollback_from": step, "rollback_to": back, "skipped_batches": skipped,
-                     "spike_loss": loss}
-            summary["rollbacks"].append(event)
-            log.write(step, {k: v for k, v in event.items() if k != "rollback_from"})
-            progress(f"loss spike at step {step} (loss {loss:.4g}): rolled back to step {back}, "
-                     f"skipped {skipped} batches")
-            state, step = state_back, back
-            continue
-        guard.record(loss)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            metrics = dict(jax.device_get(metrics), **data_metrics(loader))
-            log.write(step, metrics)
-            rate = steps_done / max(time.time() - t0, 1e-9)
-            progress(f"step {step:6d}/{cfg.steps}  loss {loss:.4f}  "
-                     + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
-                     + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
-        if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
-            ckpts.save(step, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()},
-                       force=True)
+                spikes = list(guard.rollbacks)
+                back, state_back = restore()  # restores the loader and guard as they were then
+                guard.rollbacks = spikes  # ...but keep counting this spike
+                skipped = step - back
+                _skip(loader, skipped)  # skip the batches that led up to the spike
+                event = {"rollback_from": step, "rollback_to": back, "skipped_batches": skipped,
+                         "spike_loss": loss}
+                summary["rollbacks"].append(event)
+                log.write(step, {k: v for k, v in event.items() if k != "rollback_from"})
+                report.scalars(step, {k: v for k, v in event.items() if k != "rollback_from"})
+                progress(f"loss spike at step {step} (loss {loss:.4g}): rolled back to step "
+                         f"{back}, skipped {skipped} batches")
+                state, step = state_back, back
+                continue
+            guard.record(loss)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                metrics = dict(jax.device_get(metrics), **data_metrics(loader))
+                log.write(step, metrics)
+                report.scalars(step, metrics)
+                rate = steps_done / max(time.time() - t0, 1e-9)
+                progress(f"step {step:6d}/{cfg.steps}  loss {loss:.4f}  "
+                         + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
+                         + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
+            if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
+                ckpts.save(step, state,
+                           {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
+    finally:
+        report.close()  # also when the run diverges or is interrupted
     ckpts.wait()
     ckpts.close()
     summary["seconds"] = time.time() - t0
