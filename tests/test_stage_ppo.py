@@ -1,0 +1,354 @@
+"""PPO stage: rollout masks, scoring against per-sequence references, the first
+update, the adaptive KL controller, learning on a program reward, and exact resume."""
+
+import dataclasses
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax import generate, loop, model, sharding, train
+from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, TrainConfig, preset
+from llm_jax.data.tokenizer import ByteTokenizer
+from llm_jax.stages import ppo
+
+TOK = ByteTokenizer()
+CFG = preset("tiny", d_model=32, d_ff=64, num_layers=2, vocab_size=TOK.vocab_size)
+EOS, PAD = TOK.eos_id, TOK.pad_id
+TARGET = TOK.encode("a")[0]  # the program reward: how often the response says "a"
+
+
+init_lm = jax.jit(functools.partial(model.init, CFG))  # one compile, not one per random op
+
+
+def init_scalar_model(seed, head_scale=1.0):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    head = model.init_scalar_head(CFG, k2)
+    return {"model": init_lm(k1), "head": dict(head, kernel=head["kernel"] * head_scale)}
+
+
+def log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def fraction_of_target(tokens, mask):
+    return jnp.sum(mask * (tokens == TARGET), axis=1) / jnp.sum(mask, axis=1)
+
+
+# ---------------------------------------------------------------------------
+# Rollout
+
+
+def test_build_rollout_masks_stop_after_first_eos():
+    prompts = [[1, 4, 10, 5], [1, 4, 11, 12, 13, 5], [1, 4, 5]]
+    tokens, mask = generate.left_pad(prompts, PAD)
+    response = np.array([[30, 31, EOS, 32, EOS, 33],   # eos mid-response
+                         [30, 31, 32, 33, 34, 35],     # no eos: all six are actions
+                         [EOS, 40, 41, EOS, 42, 43]])  # eos first: the one action is eos
+    out = jax.device_get(ppo.build_rollout(tokens, mask, response, eos_id=EOS, pad_id=PAD))
+    np.testing.assert_array_equal(out["weights"], [[1, 1, 1, 0, 0, 0], [1] * 6, [1, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(out["response"], [[30, 31, EOS, PAD, PAD, PAD], [30, 31, 32, 33, 34, 35],
+                                                    [EOS, PAD, PAD, PAD, PAD, PAD]])
+    np.testing.assert_array_equal(out["tokens"], np.concatenate([tokens, out["response"]], axis=1))
+    for b, p in enumerate(prompts):
+        real = out["segment_ids"][b] == 1
+        n_real = int(out["weights"][b].sum())
+        # Real tokens: the prompt (right-aligned in P = 6 slots) and the response's actions.
+        want = [i >= 6 - len(p) for i in range(6)] + [i < n_real for i in range(6)]
+        np.testing.assert_array_equal(real, want)
+        np.testing.assert_array_equal(out["positions"][b][real], np.arange(len(p) + n_real))
+    # The sequence the reward model reads ends at the last real non-eos token.
+    np.testing.assert_array_equal(ppo.score_index(out, EOS), [6 + 1, 6 + 5, 5])
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+
+
+def test_whiten_uses_real_tokens_only():
+    x = np.array([[1.0, 2.0, 3.0, 50.0], [4.0, 5.0, -7.0, -9.0]])
+    w = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
+    real = x[w > 0]
+    want = np.where(w > 0, (x - real.mean()) / np.sqrt(real.var() + 1e-8), 0.0)
+    np.testing.assert_allclose(ppo.whiten(x, w), want, rtol=1e-5, atol=1e-6)
+
+
+def test_adaptive_kl_controller_formula():
+    for kl, error in ((0.0, -0.2), (5.4, -0.1), (6.0, 0.0), (6.6, 0.1), (30.0, 0.2)):
+        got = float(ppo.adaptive_kl_coef(0.5, kl, target=6.0, horizon=100, n=16))
+        assert got == pytest.approx(0.5 * (1 + error * 16 / 100), rel=1e-6), kl
+
+
+def test_config_and_arguments_are_checked():
+    with pytest.raises(ConfigError, match="minibatches"):
+        ppo.PPOConfig(rollout_batch=10, minibatches=3).validate()
+    with pytest.raises(ConfigError, match="temperature"):
+        ppo.PPOConfig(temperature=0.0).validate()
+    with pytest.raises(ConfigError, match="lam"):
+        ppo.PPOConfig(lam=1.5).validate()
+    tx, _ = train.make_optimizer(OptimizerConfig(), 10)
+    with pytest.raises(ValueError, match="exactly one"):
+        ppo.make_ppo_step(CFG, ppo.PPOConfig(), tx, reference_params={})
+
+
+# ---------------------------------------------------------------------------
+# The whole step (compiled once for the tests below)
+
+PCFG = ppo.PPOConfig(rollout_batch=16, max_new_tokens=8, temperature=0.8, epochs=2, minibatches=2,
+                     gamma=0.95, lam=0.9, kl_coef=0.01, adaptive_kl=True, kl_target=2.0, kl_horizon=100)
+PROMPTS = ppo.builtin_prompts(40, seed=0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    policy = init_lm(jax.random.PRNGKey(0))
+    tx, schedule = train.make_optimizer(
+        OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0, end_lr_ratio=1.0), 1000)
+
+    params = {"policy": policy, "value": init_scalar_model(1, 30.0)}  # the SFT model twice, as in a run
+    template, shardings = ppo.create_ppo_state(params, tx, mesh, seed=0, kl_coef=PCFG.kl_coef)
+
+    def fresh_state():  # a copy: the step donates the state it is given
+        return copy(template), shardings
+
+    step = ppo.make_ppo_step(CFG, PCFG, tx, reference_params=policy, score_fn=fraction_of_target,
+                             schedule=schedule, mesh=mesh, state_shardings=shardings)
+    return mesh, step, fresh_state
+
+
+def hand_built_rollout():
+    """Real prompts; responses with the first eos at step b % 10 of row b (none for 8, 9)."""
+    batch = next(ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=5))
+    rng = np.random.default_rng(0)
+    response = rng.integers(TOK.offset, TOK.vocab_size, (PCFG.rollout_batch, PCFG.max_new_tokens))
+    response[rng.random(response.shape) < 0.2] = EOS  # eos later in a row must not count
+    for b in range(PCFG.rollout_batch):
+        response[b, :b % 10] = np.where(response[b, :b % 10] == EOS, TARGET, response[b, :b % 10])
+        if b % 10 < PCFG.max_new_tokens:
+            response[b, b % 10] = EOS
+    prompts = [list(t[m > 0]) for t, m in zip(batch["tokens"], batch["mask"])]
+    actions = [list(r[:b % 10 + 1]) if b % 10 < PCFG.max_new_tokens else list(r)
+               for b, r in enumerate(response)]
+    return batch, response, prompts, actions
+
+
+@jax.jit
+def lm_logits_alone(params, tokens):
+    return model.apply(CFG, params, tokens)
+
+
+@jax.jit
+def scalars_alone(params, tokens):
+    return model.scalar_head(params["head"], model.forward(CFG, params["model"], tokens))
+
+
+def run_alone(fn, params, sequences, width):
+    """fn on each sequence alone: no left padding, positions from 0; trailing pads are
+    invisible to a causal model, so the rows can share one call."""
+    out = np.full((len(sequences), width), PAD, np.int32)
+    for i, s in enumerate(sequences):
+        out[i, :len(s)] = s
+    return np.asarray(fn(params, out))
+
+
+def test_scoring_matches_each_sequence_alone(setup):
+    mesh, step, fresh_state = setup
+    state, _ = fresh_state()
+    ref = init_lm(jax.random.PRNGKey(3))
+    batch, response, prompts, actions = hand_built_rollout()
+    rollout = ppo.build_rollout(batch["tokens"], batch["mask"], response, eos_id=EOS, pad_id=PAD)
+    assert [int(n) for n in np.asarray(rollout["weights"]).sum(1)] == [len(a) for a in actions]
+    scores = jnp.asarray(np.linspace(-1.0, 2.0, PCFG.rollout_batch), jnp.float32)
+    beta = 0.3
+    with jax.set_mesh(mesh):
+        scored, metrics, _ = step.score(state.params, ref, rollout, scores, jnp.float32(beta))
+    scored, metrics = jax.device_get((scored, metrics))
+
+    seqs = [p + a for p, a in zip(prompts, actions)]
+    width = rollout["tokens"].shape[1]
+    policy, value = state.params["policy"], state.params["value"]
+    lp = log_softmax(run_alone(lm_logits_alone, policy, seqs, width) / PCFG.temperature)
+    ref_lp = log_softmax(run_alone(lm_logits_alone, ref, seqs, width) / PCFG.temperature)
+    vals = run_alone(scalars_alone, value, seqs, width)
+    all_adv, all_w, kls = np.zeros(response.shape), np.zeros(response.shape), []
+    for b, (p, acts) in enumerate(zip(prompts, actions)):
+        n = len(acts)
+        # Action t is read from the state before it: the position preceding it.
+        want_lp = np.array([lp[b, len(p) - 1 + t, a] for t, a in enumerate(acts)])
+        want_ref = np.array([ref_lp[b, len(p) - 1 + t, a] for t, a in enumerate(acts)])
+        want_v = vals[b, len(p) - 1: len(p) - 1 + n]
+        np.testing.assert_allclose(scored["old_logprobs"][b, :n], want_lp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scored["ref_logprobs"][b, :n], want_ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scored["old_values"][b, :n], want_v, rtol=1e-5, atol=1e-5)
+        # Rewards by hand: -beta * log-ratio on every action, the score on the last one (the eos).
+        want_r = np.zeros(response.shape[1])
+        for t in range(n):
+            want_r[t] = -beta * (want_lp[t] - want_ref[t]) + (float(scores[b]) if t == n - 1 else 0.0)
+        np.testing.assert_allclose(scored["rewards"][b], want_r, rtol=1e-5, atol=1e-5)
+        # GAE by a backward loop over the real steps only.
+        next_v = next_a = 0.0
+        for t in reversed(range(n)):
+            delta = want_r[t] + PCFG.gamma * next_v - want_v[t]
+            all_adv[b, t] = next_a = delta + PCFG.gamma * PCFG.lam * next_a
+            next_v = want_v[t]
+        all_w[b, :n] = 1
+        np.testing.assert_allclose(scored["returns"][b, :n], all_adv[b, :n] + want_v, rtol=1e-4, atol=1e-5)
+        kls.append(want_lp.sum() - want_ref.sum())
+    # Advantages are whitened over the rollout's real tokens.
+    real = all_adv[all_w > 0]
+    want_adv = np.where(all_w > 0, (all_adv - real.mean()) / np.sqrt(real.var() + 1e-8), 0.0)
+    np.testing.assert_allclose(scored["advantages"], want_adv, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(metrics["kl"], np.mean(kls), rtol=1e-4)
+    assert metrics["beta"] == pytest.approx(beta)
+    assert metrics["response_length"] == pytest.approx(np.mean([sum(a != EOS for a in x) for x in actions]))
+
+
+def test_reward_model_reads_last_real_non_eos_token():
+    reward = init_scalar_model(4, head_scale=30.0)
+    batch, response, prompts, actions = hand_built_rollout()
+    rollout = ppo.build_rollout(batch["tokens"], batch["mask"], response, eos_id=EOS, pad_id=PAD)
+    got = np.asarray(jax.jit(lambda r, x: ppo.reward_model_scores(CFG, r, x, eos_id=EOS))(reward, rollout))
+    # The sequence the reward model was trained on: prompt + response, eos not an input.
+    seqs = [p + [a for a in acts if a != EOS] for p, acts in zip(prompts, actions)]
+    rm = run_alone(scalars_alone, reward, seqs, rollout["tokens"].shape[1])
+    want = [rm[b, len(s) - 1] for b, s in enumerate(seqs)]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.std(want) > 0.05  # the head reads different positions, not a constant
+
+
+def test_first_minibatch_ratio_one_and_loss_is_minus_mean_advantage(setup):
+    mesh, step, fresh_state = setup
+    state, _ = fresh_state()
+    batch = next(ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=0))
+    with jax.set_mesh(mesh):
+        rollout, shuffle_key = step.sample(state.params["policy"], batch["tokens"], batch["mask"],
+                                           state.rng, state.step)
+        response_mask = jnp.concatenate([jnp.zeros(batch["tokens"].shape), rollout["weights"]], axis=1)
+        scores = fraction_of_target(rollout["tokens"], response_mask)
+        scored, _, new_beta = step.score(state.params, state.params["policy"], rollout, scores,
+                                         state.kl_coef)
+        _, _, per_update = step.update(state, scored, shuffle_key, new_beta)
+    scored, per_update = jax.device_get((scored, per_update))
+    index = np.asarray(ppo.minibatch_indices(shuffle_key, PCFG.rollout_batch, PCFG.epochs, PCFG.minibatches))
+    for e in range(PCFG.epochs):  # each epoch visits every row once
+        assert sorted(index[e * PCFG.minibatches:(e + 1) * PCFG.minibatches].ravel()) == list(range(16))
+    rows = index[0]
+    w, adv = scored["weights"][rows], scored["advantages"][rows]
+    # Whitened over the whole rollout, so this minibatch's mean need not be 0.
+    assert abs(float((scored["advantages"] * scored["weights"]).sum())) < 1e-4
+    assert per_update["ratio"][0] == pytest.approx(1.0, abs=1e-5)
+    assert per_update["clip_fraction"][0] == 0.0
+    assert per_update["normalizer"][0] == w.sum()
+    assert per_update["policy_loss"][0] == pytest.approx(-(w * adv).sum() / w.sum(), abs=1e-5)
+    v_old, ret = scored["old_values"][rows], scored["returns"][rows]
+    assert per_update["value_loss"][0] == pytest.approx((w * 0.5 * (v_old - ret) ** 2).sum() / w.sum(),
+                                                        rel=1e-4)
+    # Later updates have moved the policy away from the rollout policy.
+    assert per_update["ratio"][-1] != pytest.approx(1.0, abs=1e-5)
+
+
+def test_ppo_raises_a_program_reward_with_adaptive_kl_and_resumes_exactly(setup):
+    mesh, step, fresh_state = setup
+    state, _ = fresh_state()
+    loader = ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=0)
+    history, saved = [], None
+    for i in range(16):
+        if i == 5:
+            saved = (copy(state), loader.get_state())
+        state, metrics = step(state, next(loader))
+        history.append(jax.device_get(metrics))
+        if i == 5:
+            after_six = jax.device_get(state.params)
+    scores = [m["score"] for m in history]
+    assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.2, scores
+    for key in ("loss", "policy_loss", "value_loss", "kl", "beta", "clip_fraction", "entropy",
+                "response_length", "rollout_seconds", "score_seconds", "update_seconds"):
+        assert np.isfinite(history[-1][key]), key
+    # Adaptive beta: each iteration's beta follows from the previous one's KL.
+    for prev, cur in zip(history, history[1:]):
+        want = prev["beta"] * (1 + np.clip(prev["kl"] / PCFG.kl_target - 1, -0.2, 0.2) * 16 / 100)
+        assert cur["beta"] == pytest.approx(want, rel=1e-5)
+    assert history[-1]["beta"] != history[0]["beta"]
+
+    # Resume from iteration 5's state and data position: bitwise the same iteration.
+    state5, data5 = saved
+    loader2 = ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=0)
+    loader2.set_state(data5)
+    state6, _ = step(state5, next(loader2))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state6.params), after_six)
+
+
+def test_run_stage_checkpoints_beta_and_resumes(setup, tmp_path):
+    mesh, step, fresh_state = setup
+    cfg = TrainConfig(steps=2, log_every=1, checkpoint_every=1, async_checkpoints=False, spike_factor=0.0)
+
+    def run(stop_after):
+        state, shardings = fresh_state()
+        loader = ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=1)
+        return loop.run_stage(str(tmp_path / "ppo"), state, shardings, step, loader, mesh,
+                              dataclasses.replace(cfg, stop_after=stop_after), progress=lambda s: None)[0]
+
+    run(stop_after=1)
+    resumed = jax.device_get(run(stop_after=0))
+    state, shardings = fresh_state()
+    loader = ppo.PromptLoader(PROMPTS, TOK, PCFG.rollout_batch, seed=1)
+    for _ in range(2):
+        state, _ = step(state, sharding.shard_batch(next(loader), mesh))
+    straight = jax.device_get(state)
+    assert int(resumed.step) == 2 and resumed.kl_coef != PCFG.kl_coef
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+
+
+# ---------------------------------------------------------------------------
+# Prompts
+
+
+def test_prompt_loader_epochs_shards_and_state_round_trip():
+    prompts = [f"prompt number {i}" + "!" * (i % 3) for i in range(10)]
+    a = ppo.PromptLoader(prompts, TOK, 4, seed=3)
+    widths = {len(p) for p in prompts}
+    assert a.prompt_len == max(widths) + 3  # bos, <prompt>, ..., <response>
+    batches = [next(a) for _ in range(5)]
+    decoded = [TOK.decode(row[m > 0]) for b in batches for row, m in zip(b["tokens"], b["mask"])]
+    assert sorted(decoded[:10]) == sorted(prompts) and sorted(decoded[10:20]) == sorted(prompts)
+    assert decoded[:10] != decoded[10:20]  # each epoch reshuffled
+    for b in batches:
+        assert b["tokens"].shape == (4, a.prompt_len) and b["tokens"].dtype == np.int32
+        assert (b["tokens"][:, -1] == TOK.response_id).all()  # left-padded: prompts end at the right
+        assert ((np.diff(b["mask"], axis=1) >= 0)).all()
+
+    fresh = ppo.PromptLoader(prompts, TOK, 4, seed=3)
+    replay = [next(fresh) for _ in range(2)]
+    state = fresh.get_state()
+    resumed = ppo.PromptLoader(prompts, TOK, 4, seed=3)
+    resumed.set_state(json.loads(json.dumps(state)))
+    for want in batches[2:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["tokens"], want["tokens"])
+    np.testing.assert_array_equal(replay[1]["tokens"], batches[1]["tokens"])
+    with pytest.raises(ValueError, match="seed"):
+        ppo.PromptLoader(prompts, TOK, 4, seed=4).set_state(state)
+
+    # Two processes' shards put together are the one-process batch.
+    shards = [ppo.PromptLoader(prompts, TOK, 4, seed=3, shard_index=i, shard_count=2) for i in range(2)]
+    for want in batches[:3]:
+        np.testing.assert_array_equal(np.concatenate([next(s)["tokens"] for s in shards]), want["tokens"])
+
+    short = ppo.PromptLoader(prompts, TOK, 4, seed=3, prompt_len=len("prompt number 1") + 3)
+    assert short.stats["skipped"] == {ppo.PromptLoader.TOO_LONG: 6}
+
+
+def test_builtin_prompts_are_instructions():
+    from llm_jax.data import builtin
+    prompts = ppo.builtin_prompts(20, seed=1)
+    assert prompts == ppo.builtin_prompts(20, seed=1)
+    assert all(builtin.parse_instruction(p) is not None for p in prompts)
