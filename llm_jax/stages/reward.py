@@ -1,0 +1,125 @@
+"""Reward model: the LM trunk plus a scalar head, trained Bradley-Terry on pairs.
+
+    params = {"model": <LM params, e.g. the SFT ones>, "head": model.init_scalar_head(...)}
+    L = -mean over real pairs of log sigmoid(r(x, y+) - r(x, y-) [- margin])
+
+PPO's value model uses the same params structure and `token_values`.
+
+Where a reward is read (PPO relies on this): the reward of a sequence is the
+head's value at its LAST INPUT TOKEN, i.e. after the model has read
+`[bos, <prompt>] prompt [<response>] response`. In a packed batch the eos is a
+target, not an input, so the last input of a segment is the last response
+token; `score_sequences` reads unpadded token lists the same way, so pass them
+WITHOUT a trailing eos (as `generate` returns responses) to get the value the
+model was trained on.
+
+Preference batches (`data.loader`, kind preferences) hold `chosen_*` and
+`rejected_*` tensor sets [R, T] and `pair_mask` [R, S]: pair k sits at the same
+(row, segment) in both sets, so rewards read per (row, segment) line up.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax import losses, model
+from llm_jax.config import ModelConfig
+
+PAD_TO = 32  # score_sequences pads lengths up to a multiple of this: fewer recompiles
+
+
+def init_reward_params(model_cfg: ModelConfig, lm_params, rng: jax.Array) -> dict:
+    """Wraps trained LM params with a fresh scalar head: {"model", "head"}."""
+    return {"model": lm_params, "head": model.init_scalar_head(model_cfg, rng)}
+
+
+def token_values(model_cfg: ModelConfig, params, inputs, positions=None, segment_ids=None,
+                 dropout_rng=None) -> jax.Array:
+    """The head's value after every input token: [R, T] float32."""
+    hidden = model.forward(model_cfg, params["model"], inputs, positions=positions,
+                           segment_ids=segment_ids, dropout_rng=dropout_rng)  # [R, T, D]
+    return model.scalar_head(params["head"], hidden)
+
+
+def sequence_rewards(model_cfg: ModelConfig, params, inputs, positions, segment_ids,
+                     max_segments: int, dropout_rng=None) -> jax.Array:
+    """Reward of every packed sequence: [R, T] inputs -> [R, max_segments].
+
+    out[r, s] is the value at the last input token of segment s + 1 in row r
+    (0 where the row has no such segment); see the module docstring."""
+    values = token_values(model_cfg, params, inputs, positions, segment_ids, dropout_rng)
+    return model.last_token_values(values, segment_ids, max_segments)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_rows(model_cfg, params, tokens, segment_ids):
+    return sequence_rewards(model_cfg, params, tokens, None, segment_ids, 1)[:, 0]
+
+
+def score_sequences(model_cfg: ModelConfig, params, token_lists) -> jax.Array:
+    """One reward per full token list (e.g. `formats.prompt_tokens(tok, p) +
+    tok.encode(response)`, no trailing eos): [N] float32.
+
+    The lists are right-padded into unpacked rows (segment id 1 on real tokens,
+    0 on padding, so padding is never attended to) and read at their last token."""
+    lengths = [len(t) for t in token_lists]
+    if not lengths or min(lengths) == 0:
+        raise ValueError("score_sequences: needs at least one non-empty token list")
+    if model_cfg.positions == "learned" and max(lengths) > model_cfg.max_len:
+        raise ValueError(f"score_sequences: a sequence of {max(lengths)} tokens exceeds "
+                         f"model.max_len={model_cfg.max_len} (learned positions)")
+    width = -(-max(lengths) // PAD_TO) * PAD_TO
+    tokens = np.zeros((len(lengths), width), np.int32)
+    segment_ids = np.zeros((len(lengths), width), np.int32)
+    for i, seq in enumerate(token_lists):
+        tokens[i, :len(seq)] = seq
+        segment_ids[i, :len(seq)] = 1
+    return _score_rows(model_cfg, params, tokens, segment_ids)
+
+
+def _pair_rewards(model_cfg, params, batch, max_segments, dropout_rng=None):
+    """(chosen [R, S], rejected [R, S]) rewards of a preference batch."""
+    if batch["pair_mask"].shape[-1] != max_segments:
+        raise ValueError(f"max_segments={max_segments}, but the batch's pair_mask has "
+                         f"{batch['pair_mask'].shape[-1]} segments per row (data.max_segments)")
+    rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
+    return tuple(
+        sequence_rewards(model_cfg, params, batch[p + "inputs"], batch[p + "positions"],
+                         batch[p + "segment_ids"], max_segments, rng)
+        for p, rng in zip(("chosen_", "rejected_"), rngs))
+
+
+def pair_count(batch) -> jax.Array:
+    """The global normalizer: how many real pairs the whole batch holds."""
+    return jnp.sum(batch["pair_mask"].astype(jnp.float32))
+
+
+def rm_loss_fn(model_cfg: ModelConfig, max_segments: int, margin: float | None = None):
+    """loss_fn(params, batch, rng, normalizer) for `train.make_train_step`.
+
+    Bradley-Terry loss over the real pairs (`pair_mask`), normalized by the
+    global pair count (`pair_count`). Metrics, sums over the same normalizer so
+    they add up exactly over microbatches: `accuracy` (fraction of pairs with
+    r+ > r-) and `margin` (mean r+ - r-)."""
+    def loss_fn(params, batch, rng, normalizer):
+        dropout_rng = rng if model_cfg.dropout > 0 else None
+        chosen, rejected = _pair_rewards(model_cfg, params, batch, max_segments, dropout_rng)
+        mask = batch["pair_mask"]
+        loss = losses.reward_model_loss(chosen.reshape(-1), rejected.reshape(-1), margin=margin,
+                                        normalizer=normalizer, weights=mask.reshape(-1))
+        diff = jax.lax.stop_gradient(chosen - rejected)
+        metrics = {"accuracy": losses.masked_mean(diff > 0, mask, normalizer),
+                   "margin": losses.masked_mean(diff, mask, normalizer)}
+        return loss, metrics
+    return loss_fn
+
+
+def pairwise_accuracy(model_cfg: ModelConfig, params, batch, max_segments: int) -> tuple[jax.Array, jax.Array]:
+    """(pairs ranked right, real pairs) on one held-out preference batch."""
+    chosen, rejected = _pair_rewards(model_cfg, params, batch, max_segments)
+    mask = batch["pair_mask"]
+    return jnp.sum(jnp.where(chosen > rejected, mask, 0.0)), pair_count(batch)
