@@ -4,29 +4,26 @@
 
 Trains a small decoder on few-shot documents of the built-in tasks (copy, sort,
 reverse, German->English, formatting, squares, sums), logs the loss, reports
-held-out loss before and after, and prints greedy continuations of held-out
-few-shot prompts so you can see what it learned.
+held-out loss before and after and the in-context accuracy on held-out probes
+at 0, 1 and k shots, with a few greedy continuations so you can see what it
+learned. `experiments.pipeline` runs this stage first.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import random
 import sys
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from llm_jax import generate, launch, loop, model, sharding, train
-from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
-from llm_jax.data import builtin
+from llm_jax import evals, launch, loop, model, sharding, train
+from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
-from llm_jax.stages import pretrain
+from llm_jax.stages import pretrain, runner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +38,8 @@ class Config:
     data: DataConfig = DataConfig(source="builtin:pretrain", size=20_000)
     data_shards: int = 0  # 0: one per process; fixed N: the same batches on any process count
     eval_batches: int = 8  # held-out batches (split "eval") for the loss before/after
-    probe_shots: int = 3
+    probe_shots: int = 3  # in-context accuracy at 0, 1 and this many shots
+    probe_per_task: int = 16  # held-out probes per task and shot count
 
 
 def heldout_loss(cfg: Config, params, eval_loader: ShardedLoader, start: dict, mesh) -> float:
@@ -56,38 +54,27 @@ def heldout_loss(cfg: Config, params, eval_loader: ShardedLoader, start: dict, m
     return total / max(count, 1.0)
 
 
-def probes(cfg: Config) -> list[dict]:
-    """Held-out few-shot prompts of each task ("split eval": never a training document)."""
-    rng = random.Random(cfg.data.seed + 1)
-    return [builtin.icl_probe(rng, task, cfg.probe_shots) for task in sorted(builtin.TASKS)]
-
-
-def main(argv=None) -> int:
-    workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
-    launch.initialize()
-    tok = ByteTokenizer()
+def check_config(cfg, tok, mesh) -> None:
+    """Config mistakes found before anything compiles."""
     if cfg.model.vocab_size < tok.vocab_size:
-        raise SystemExit(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                         f"{tok.vocab_size}")
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size}")
     cfg.model.validate()
-    mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_model_fits_mesh(cfg.model, mesh)
     sharding.check_batch_fits_mesh(cfg.train.batch_size, cfg.train.microbatches, mesh)
     if cfg.train.seq_len > cfg.model.max_len:
-        raise SystemExit(f"train.seq_len={cfg.train.seq_len} exceeds model.max_len={cfg.model.max_len}")
+        raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_len={cfg.model.max_len}")
 
+
+def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
+    """The pretraining stage in `workdir/pretrain`: its eval.json dict, or None when
+    it stopped early (train.stop_after). Skipped if already finished."""
     stage_dir = os.path.join(workdir, "pretrain")
-    eval_path = os.path.join(stage_dir, "eval.json")
-    if os.path.exists(eval_path):
-        done = json.load(open(eval_path))
-        if done.get("steps") == cfg.train.steps:
-            say(f"pretrain: already finished ({eval_path}); held-out loss "
-                  f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
-            return 0
-    os.makedirs(workdir, exist_ok=True)
-    write_run_json(workdir, cfg, "pretrain")
-    if is_primary():
-        tok.save(os.path.join(workdir, "tokenizer"))
+    done = runner.finished(stage_dir, cfg.train.steps)
+    if done is not None:
+        say(f"pretrain: already finished ({stage_dir}/eval.json); held-out loss "
+            f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
+        return done
     write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size)
@@ -109,35 +96,44 @@ def main(argv=None) -> int:
     loss_before = heldout_loss(cfg, state.params, eval_loader, eval_start, mesh)
     state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train,
                                     progress=say)
-    train_time = summary["seconds"]
     if not summary["finished"]:
         say(f"stopped at step {cfg.train.stop_after} of {cfg.train.steps} (train.stop_after); "
             "rerun the same command to continue")
-        return 0
+        return None
     loss_after = heldout_loss(cfg, state.params, eval_loader, eval_start, mesh)
 
-    params = jax.device_get(multihost_utils.process_allgather(state.params, tiled=True)
-                            if jax.process_count() > 1 else state.params)
-    samples, correct = [], 0
-    for probe in probes(cfg):
-        out = tok.decode(generate.generate(cfg.model, params, [[tok.bos_id, *tok.encode(probe["prompt"])]],
-                                           max_new_tokens=len(tok.encode(probe["answer"])) + 3)[0])
-        got = out.split("\n")[0].strip()
-        ok = builtin.score(probe["task"], probe["query"], got)
-        correct += ok
-        samples.append({"task": probe["task"], "prompt": probe["prompt"], "expected": probe["answer"],
-                        "got": got, "correct": ok})
+    params = runner.host_params(state.params)
+    shots = sorted({0, 1, cfg.probe_shots})
+    icl = evals.icl_accuracy(cfg.model, params, tok, shots=shots, per_task=cfg.probe_per_task,
+                             seed=cfg.data.seed + 1)
     result = {"steps": cfg.train.steps, "heldout_loss_before": loss_before, "heldout_loss_after": loss_after,
-              "heldout_perplexity_after": float(np.exp(loss_after)), "train_seconds": train_time,
-              "probe_accuracy": correct / len(samples), "data": loader.stats, "samples": samples}
-    write_json(eval_path, result)
+              "heldout_perplexity_after": float(np.exp(loss_after)), "train_seconds": summary["seconds"],
+              "icl_accuracy": icl, "data": loader.stats}
+    runner.record(stage_dir, result)
 
     say(f"\nheld-out loss per token: {loss_before:.3f} before -> {loss_after:.3f} after "
-          f"({train_time:.0f}s of training)")
-    for s in samples:
+        f"({summary['seconds']:.0f}s of training)")
+    say("in-context accuracy on held-out probes: " + ", ".join(
+        f"{k}-shot " + ("n/a (no probe fits max_len)" if v is None else f"{v:.2f}")
+        for k, v in sorted(icl["by_shots"].items(), key=lambda kv: int(kv[0]))))
+    for s in icl.get("samples", [])[:8]:
         last = s["prompt"].split("\n")[-1]
         say(f"  {'ok ' if s['correct'] else '   '}{last!r:34} -> {s['got']!r}  (expected {s['expected']!r})")
-    say(f"wrote {workdir}/run.json, pretrain/metrics.jsonl, pretrain/eval.json")
+    return result
+
+
+def main(argv=None) -> int:
+    workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
+    launch.initialize()
+    tok = ByteTokenizer()
+    mesh = sharding.make_mesh(cfg.mesh)
+    check_config(cfg, tok, mesh)
+    os.makedirs(workdir, exist_ok=True)
+    write_run_json(workdir, cfg, "pretrain")
+    if is_primary():
+        tok.save(os.path.join(workdir, "tokenizer"))
+    if run(workdir, cfg, mesh, tok) is not None:
+        say(f"wrote {workdir}/run.json, pretrain/metrics.jsonl, pretrain/eval.json")
     return 0
 
 
