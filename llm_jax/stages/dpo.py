@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from llm_jax import losses, model, sharding
 from llm_jax.config import ModelConfig
 from llm_jax.data import packing
+from llm_jax.data.errors import DataError
 from llm_jax.stages.reward import pair_count  # the normalizer: real pairs in the global batch
 
 PREFIXES = ("chosen_", "rejected_")
@@ -47,8 +48,9 @@ MANIFEST = "manifest.json"
 CACHE_VERSION = 1
 
 
-class ReferenceCacheError(ValueError):
-    """A reference cache that is missing, incomplete, or built for other data."""
+class ReferenceCacheError(DataError):
+    """A reference cache that is missing, incomplete, or built for other data (a
+    DataError, so experiments report it in one line)."""
 
 
 # ---------------------------------------------------------------------------
