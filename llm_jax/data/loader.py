@@ -140,6 +140,7 @@ class Loader:
         return {"records_used": s["records"], "truncated": s["truncated"],
                 "skipped": dict(self._skipped.counts), "skipped_at": dict(self._skipped.places),
                 "skipped_when_built": self.source.build_report.to_dict(),
+                "slots": s["slots"], "real_slots": s["real_slots"],
                 "packing_efficiency": s["real_slots"] / max(s["slots"], 1)}
 
     # -- batches ---------------------------------------------------------------
@@ -266,12 +267,13 @@ class ShardedLoader:
         for p in parts:
             for reason, n in p["skipped"].items():
                 skipped[reason] = skipped.get(reason, 0) + n
-        slots = [x._state["slots"] for x in self.loaders]
-        real = [x._state["real_slots"] for x in self.loaders]
+        slots, real = sum(p["slots"] for p in parts), sum(p["real_slots"] for p in parts)
         return {"records_used": sum(p["records_used"] for p in parts),
                 "truncated": sum(p["truncated"] for p in parts), "skipped": skipped,
                 "skipped_at": {k: v for p in parts for k, v in p["skipped_at"].items()},
-                "packing_efficiency": sum(real) / max(sum(slots), 1)}
+                # every shard reads the same built source: its build report once
+                "skipped_when_built": parts[0]["skipped_when_built"],
+                "slots": slots, "real_slots": real, "packing_efficiency": real / max(slots, 1)}
 
     def __iter__(self):
         return self

@@ -1,0 +1,241 @@
+"""Llama-style SFT then DPO on your own JSONL files.
+
+    python -m experiments.llama_sft_dpo --workdir runs/llama \\
+        --set sft.data.source=jsonl:data/sft.jsonl --set dpo.data.source=jsonl:data/prefs.jsonl \\
+        [--set init_from=runs/base/pretrain] [--set sft_eval=jsonl:data/sft_eval.jsonl] \\
+        [--set dpo_eval=jsonl:data/prefs_eval.jsonl] [--set model.dtype=bfloat16 ...]
+
+Records: SFT lines `{"prompt", "response"}`, preference lines `{"prompt",
+"chosen", "rejected"}`; a bad line is skipped and counted with its line number.
+The model is `preset("llama")` (a Llama-3.2-1B shape: RoPE, RMSNorm, SwiGLU,
+grouped-query attention) unless overridden. `init_from` names a stage directory
+of an earlier llm_jax run (its `checkpoints/` and the run's `tokenizer/` are
+used); without it the model starts from random weights and a byte-level BPE is
+trained on the JSONL texts - fine for a smoke test, not for real use.
+
+Stages: `sft` (completion-only loss, optional KL to the initial model), then
+`dpo` from the SFT weights with the SFT model as reference (its log-probs are
+computed once, stored under dpo/reference/, and it leaves memory before the
+policy trains). Evaluation: held-out response loss for SFT (`sft_eval`),
+held-out preference accuracy of DPO's implicit reward (`dpo_eval`). Rerun to
+resume.
+
+On a GPU/TPU host (one process per host; see docs/tpu.md for pods), with a
+local or mounted run directory (the reference cache is plain files):
+    python -m experiments.llama_sft_dpo --workdir /data/runs/llama \\
+        --set model.dtype=bfloat16 --set mesh.fsdp=-1 --set mesh.data=1 \\
+        --set sft.train.batch_size=64 --set sft.train.seq_len=2048 ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+from experiments.pipeline import DPOStage, SFTStage
+from llm_jax import checkpoint, launch, loop, model, sharding, train
+from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
+from llm_jax.data.loader import DataConfig, ShardedLoader
+from llm_jax.data.records import check_record
+from llm_jax.data.sources import open_source
+from llm_jax.data.tokenizer import TokenizerError, check_vocab_fits, load_tokenizer, train_bpe
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.stages import dpo, reward, runner, sft
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = preset("llama")
+    mesh: MeshConfig = MeshConfig()
+    init_from: str = ""  # a stage directory of an earlier run, e.g. runs/base/pretrain
+    tokenizer_sample: int = 20_000  # records to train a BPE on when there is no init_from
+    sft: SFTStage = SFTStage(
+        optim=OptimizerConfig(lr=2e-5, warmup_steps=100, weight_decay=0.0),
+        train=TrainConfig(steps=2000, batch_size=64, seq_len=1024, log_every=20, checkpoint_every=500),
+        data=DataConfig(source="jsonl:sft.jsonl", max_segments=32))
+    dpo: DPOStage = DPOStage(
+        optim=OptimizerConfig(lr=5e-7, warmup_steps=50, weight_decay=0.0),
+        train=TrainConfig(steps=1000, batch_size=64, seq_len=1024, log_every=20, checkpoint_every=500,
+                          seed=1, spike_factor=0.0),
+        data=DataConfig(source="jsonl:prefs.jsonl", max_segments=32))
+    sft_eval: str = ""  # jsonl:PATH of held-out SFT records (response loss before/after)
+    dpo_eval: str = ""  # jsonl:PATH of held-out preference pairs (implicit-reward accuracy)
+    eval_batches: int = 16
+
+
+def record_texts(source: str, kind: str, data: DataConfig, count: int) -> list[str]:
+    """Prompt and response texts of up to `count` records (for training a tokenizer)."""
+    src = open_source(source, kind=kind, seed=data.seed, cache_dir=data.cache_dir)
+    fields = ("prompt", "response") if kind == "sft" else ("prompt", "chosen", "rejected")
+    texts = []
+    for i in range(min(count, len(src.records))):
+        rec = check_record(src.records[i], kind)
+        if isinstance(rec, dict):
+            texts.extend(rec[f] for f in fields)
+    return texts
+
+
+def run_tokenizer(workdir: str, cfg: Config):
+    """The init run's tokenizer, this run's saved one, or a BPE trained on the JSONL texts."""
+    for directory in ([os.path.join(os.path.dirname(os.path.abspath(cfg.init_from)), "tokenizer")]
+                      if cfg.init_from else []) + [os.path.join(workdir, "tokenizer")]:
+        if os.path.exists(os.path.join(directory, "meta.json")):
+            return load_tokenizer(directory)
+    if cfg.init_from:
+        raise ConfigError(f"init_from={cfg.init_from}: no tokenizer/ beside it; was it made by llm_jax?")
+    texts = (record_texts(cfg.sft.data.source, "sft", cfg.sft.data, cfg.tokenizer_sample)
+             + record_texts(cfg.dpo.data.source, "preferences", cfg.dpo.data, cfg.tokenizer_sample))
+    say(f"tokenizer: training a {cfg.model.vocab_size}-token BPE on {len(texts)} texts of the JSONL files")
+    return train_bpe(texts, cfg.model.vocab_size)
+
+
+def loader_for(data: DataConfig, tr: TrainConfig, tok, source: str | None = None, **kw) -> ShardedLoader:
+    data = dataclasses.replace(data, seq_len=tr.seq_len, batch_size=tr.batch_size,
+                               **({"source": source} if source else {}), **kw)
+    return ShardedLoader(data, tok, jax.process_count())
+
+
+def stage_start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]:
+    stage_dir = os.path.join(workdir, name)
+    done = runner.finished(stage_dir, getattr(cfg, name).train.steps)
+    if done is None:
+        write_json(os.path.join(stage_dir, "config.json"), {"model": to_dict(cfg.model),
+                                                           **to_dict(getattr(cfg, name))})
+    return stage_dir, done
+
+
+def train_stage(stage_dir, state, shardings, loss_fn, normalizer_fn, tx, schedule, loader, mesh, tr,
+                frozen=None):
+    step = train.jit_train_step(train.make_train_step(loss_fn, normalizer_fn, tx, schedule, tr.microbatches),
+                                mesh, shardings)
+    step_fn = step if frozen is None else (lambda s, b: step(s, b, frozen))
+    return loop.run_stage(stage_dir, state, shardings, step_fn, loader, mesh, tr, progress=say)
+
+
+def sft_heldout_loss(cfg: Config, params, tok, mesh) -> float | None:
+    if not cfg.sft_eval:
+        return None
+    loader = loader_for(cfg.sft.data, cfg.sft.train, tok, cfg.sft_eval, shuffle=False, num_epochs=1)
+    fn = jax.jit(lambda p, b: sft.eval_loss(cfg.model, p, b))
+    total = count = 0.0
+    for _, batch in zip(range(cfg.eval_batches), loader):
+        s, c = fn(params, sharding.shard_batch(batch, mesh))
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def dpo_heldout_accuracy(cfg: Config, policy, reference, tok, mesh) -> float | None:
+    """Fraction of held-out pairs where the implicit reward beta*(log pi - log pi_ref)
+    ranks chosen over rejected, ties counting half (so the SFT model itself, whose
+    implicit reward is 0 everywhere, scores 0.5). Reference log-probs are computed
+    here, after training."""
+    if not cfg.dpo_eval:
+        return None
+    loader = loader_for(cfg.dpo.data, cfg.dpo.train, tok, cfg.dpo_eval, shuffle=False, num_epochs=1)
+    S = cfg.dpo.data.max_segments
+
+    def margins(p, b):
+        return dpo.pair_logps(cfg.model, p, b, "chosen_", S) - dpo.pair_logps(cfg.model, p, b, "rejected_", S)
+
+    def counts(pol, ref, b):
+        h = margins(pol, b) - margins(ref, b)
+        won = jnp.where(h > 0, 1.0, jnp.where(h == 0, 0.5, 0.0))
+        return jnp.sum(won * b["pair_mask"]), jnp.sum(b["pair_mask"])
+
+    fn = jax.jit(counts)
+    correct = total = 0.0
+    for _, batch in zip(range(cfg.eval_batches), loader):
+        c, n = fn(policy, reference, sharding.shard_batch(batch, mesh))
+        correct, total = correct + float(c), total + float(n)
+    return correct / max(total, 1.0)
+
+
+def main(argv=None) -> int:
+    workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
+    launch.initialize()
+    cfg.model.validate()
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check_model_fits_mesh(cfg.model, mesh)
+    for name in ("sft", "dpo"):
+        tr = getattr(cfg, name).train
+        sharding.check_batch_fits_mesh(tr.batch_size, tr.microbatches, mesh)
+        if tr.seq_len > cfg.model.max_len:
+            raise ConfigError(f"{name}.train.seq_len={tr.seq_len} exceeds model.max_len={cfg.model.max_len}")
+    if cfg.dpo.loss not in ("dpo", "ipo"):
+        raise ConfigError(f"dpo.loss={cfg.dpo.loss!r}: expected 'dpo' or 'ipo'")
+    os.makedirs(workdir, exist_ok=True)
+    try:
+        tok = run_tokenizer(workdir, cfg)
+        check_vocab_fits(tok, cfg.model.vocab_size)
+    except TokenizerError as e:
+        raise ConfigError(str(e)) from None
+    write_run_json(workdir, cfg, "llama_sft_dpo")
+    if is_primary():
+        tok.save(os.path.join(workdir, "tokenizer"))
+    like = runner.abstract_params(lambda r: model.init(cfg.model, r), mesh, jax.random.PRNGKey(0))
+
+    # SFT
+    stage_dir, done = stage_start(workdir, "sft", cfg)
+    if done is None:
+        if cfg.init_from:
+            init = checkpoint.load_params(os.path.join(cfg.init_from, "checkpoints"), like)
+        else:
+            say("init_from is empty: SFT starts from random weights (a smoke test, not real use)")
+            init = jax.jit(lambda r: model.init(cfg.model, r), out_shardings=jax.tree.map(
+                lambda x: x.sharding, like))(jax.random.PRNGKey(cfg.sft.train.seed))
+        before = sft_heldout_loss(cfg, init, tok, mesh)
+        tx, schedule = train.make_optimizer(cfg.sft.optim, cfg.sft.train.steps)
+        state, shardings = train.state_from_params(init, tx, mesh, cfg.sft.train.seed)
+        kl_ref = init if cfg.sft.kl_coef > 0 else None
+        if kl_ref is None:
+            del init
+        loader = loader_for(cfg.sft.data, cfg.sft.train, tok)
+        state, summary = train_stage(stage_dir, state, shardings, sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef),
+                                     sft.weight_sum, tx, schedule, loader, mesh, cfg.sft.train, frozen=kl_ref)
+        if not summary["finished"]:
+            return 0
+        done = {"steps": cfg.sft.train.steps, "train_seconds": summary["seconds"],
+                "heldout_response_loss_before": before,
+                "heldout_response_loss_after": sft_heldout_loss(cfg, state.params, tok, mesh),
+                "data": loader.stats}
+        runner.record(stage_dir, done)
+        del state
+    say(f"sft: held-out response loss {done['heldout_response_loss_before']} -> "
+        f"{done['heldout_response_loss_after']}")
+
+    # DPO
+    stage_dir, done = stage_start(workdir, "dpo", cfg)
+    if done is None:
+        d = cfg.dpo
+        reference = runner.stage_params(workdir, "sft", like)
+        cache_dir = os.path.join(stage_dir, "reference")
+        dpo.build_reference_cache(cfg.model, reference, loader_for(d.data, d.train, tok), d.train.steps,
+                                  cache_dir, mesh, reference=f"{workdir}/sft", progress=say)
+        before = dpo_heldout_accuracy(cfg, reference, reference, tok, mesh)
+        del reference  # the policy trains without the reference in memory
+        tx, schedule = train.make_optimizer(d.optim, d.train.steps)
+        state, shardings = train.state_from_params(runner.stage_params(workdir, "sft", like), tx, mesh,
+                                                   d.train.seed)
+        loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta,
+                                  label_smoothing=d.label_smoothing, loss=d.loss)
+        loader = dpo.CachedReferenceLoader(loader_for(d.data, d.train, tok), cache_dir)
+        state, summary = train_stage(stage_dir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
+                                     loader, mesh, d.train)
+        if not summary["finished"]:
+            return 0
+        after = (dpo_heldout_accuracy(cfg, state.params, runner.stage_params(workdir, "sft", like), tok, mesh)
+                 if cfg.dpo_eval else None)
+        done = {"steps": d.train.steps, "train_seconds": summary["seconds"],
+                "heldout_pair_accuracy_before": before, "heldout_pair_accuracy_after": after}
+        runner.record(stage_dir, done)
+    say(f"dpo: held-out implicit-reward accuracy {done['heldout_pair_accuracy_before']} -> "
+        f"{done['heldout_pair_accuracy_after']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,52 @@
+"""experiments.llama_sft_dpo: one tiny SFT -> DPO run on JSONL files written here."""
+
+import json
+import os
+import random
+
+from experiments import llama_sft_dpo
+from llm_jax.data import builtin, preferences
+
+
+def write_jsonl(path, records, bad_line=False):
+    with open(path, "w") as f:
+        for i, r in enumerate(records):
+            f.write(json.dumps(r) + "\n")
+            if bad_line and i == 3:
+                f.write("{not json\n")
+
+
+def test_llama_sft_dpo_smoke(tmp_path, capsys):
+    rng = random.Random(0)
+    sft_rows = [{k: v for k, v in builtin.sft_record(rng, "train").items() if k in ("prompt", "response")}
+                for _ in range(60)]
+    pref_rows = [{k: v for k, v in preferences.preference_record(rng, "train").items()
+                  if k in ("prompt", "chosen", "rejected")} for _ in range(60)]
+    paths = {name: str(tmp_path / f"{name}.jsonl") for name in ("sft", "prefs", "sft_eval", "prefs_eval")}
+    write_jsonl(paths["sft"], sft_rows[:50], bad_line=True)
+    write_jsonl(paths["sft_eval"], sft_rows[50:])
+    write_jsonl(paths["prefs"], pref_rows[:50])
+    write_jsonl(paths["prefs_eval"], pref_rows[50:])
+    sets = ["model.vocab_size=300", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
+            "model.num_kv_heads=1", "model.d_ff=64", "model.max_len=128",
+            f"sft.data.source=jsonl:{paths['sft']}", f"dpo.data.source=jsonl:{paths['prefs']}",
+            f"sft_eval=jsonl:{paths['sft_eval']}", f"dpo_eval=jsonl:{paths['prefs_eval']}",
+            "sft.train.steps=2", "sft.train.batch_size=8", "sft.train.seq_len=128", "sft.data.max_segments=8",
+            "dpo.train.steps=2", "dpo.train.batch_size=8", "dpo.train.seq_len=128", "dpo.data.max_segments=8",
+            "eval_batches=2", f"sft.data.cache_dir={tmp_path / 'cache'}", f"dpo.data.cache_dir={tmp_path / 'cache'}"]
+    workdir = str(tmp_path / "run")
+    argv = ["--workdir", workdir] + [x for s in sets for x in ("--set", s)]
+    assert llama_sft_dpo.main(argv) == 0
+    sft_ev = json.load(open(os.path.join(workdir, "sft", "eval.json")))
+    assert sft_ev["heldout_response_loss_after"] < sft_ev["heldout_response_loss_before"]
+    dpo_ev = json.load(open(os.path.join(workdir, "dpo", "eval.json")))
+    assert dpo_ev["heldout_pair_accuracy_before"] == 0.5  # policy == reference: every pair a tie
+    assert 0.0 <= dpo_ev["heldout_pair_accuracy_after"] <= 1.0
+    assert os.path.exists(os.path.join(workdir, "dpo", "reference", "manifest.json"))
+    assert os.path.exists(os.path.join(workdir, "tokenizer", "meta.json"))
+    built = sft_ev["data"]["skipped_when_built"]  # the malformed line, counted with its place
+    assert sum(built["counts"].values()) == 1
+    assert any(p.endswith("sft.jsonl:5") for ps in built["places"].values() for p in ps), built
+    capsys.readouterr()
+    assert llama_sft_dpo.main(argv) == 0  # rerun: both stages finished, nothing trains
+    assert "step " not in capsys.readouterr().out.replace("steps", "")
