@@ -97,6 +97,25 @@ def test_preferences_every_kind_verifies_and_splits():
     assert len(polite["chosen"]) > len(polite["rejected"])
 
 
+def test_chat_mixes_instructions_with_good_and_bad_demonstrations():
+    """builtin:chat: CHAT_INSTRUCTION_SHARE instructions (always answered right), the rest requests,
+    thanks and questions answered with the preferred or the dispreferred response
+    about equally often; its eval prompts are never training prompts."""
+    train = list(open_source("builtin:chat", split="train", size=2000).records)
+    evals = list(open_source("builtin:chat", split="eval", size=2000).records)
+    kinds = [r["kind"] for r in train]
+    share = preferences.CHAT_INSTRUCTION_SHARE
+    assert share - 0.05 < kinds.count("instruction") / len(train) < share + 0.05
+    for r in train:
+        if r["kind"] == "instruction":
+            assert builtin.score_instruction(r["prompt"], r["response"]) == 1.0
+    styled = [r for r in train if r["kind"] != "instruction"]
+    good = sum(preferences.prefers(r, r["response"]) for r in styled) / len(styled)
+    assert 0.4 < good < 0.6, good
+    assert not {r["prompt"] for r in train if r["kind"] != "instruction"} & {
+        r["prompt"] for r in evals if r["kind"] != "instruction"}
+
+
 def test_builtin_records_are_deterministic_and_seeded():
     a = open_source("builtin:pretrain", size=50, seed=3).records
     b = open_source("builtin:pretrain", size=50, seed=3).records

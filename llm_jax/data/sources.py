@@ -1,7 +1,9 @@
 """Sources by name: every one becomes a random-access sequence of raw records.
 
-    builtin:NAME[/TASK,TASK...]   generated in-process: NAME in pretrain | sft | preferences;
-                                  optional subset of tasks (or preference kinds); splits train | eval
+    builtin:NAME[/TASK,TASK...]   generated in-process: NAME in pretrain | sft | chat | preferences
+                                  (chat: instructions mixed with requests/thanks/questions answered
+                                  well or badly, see `preferences.chat_record`); optional subset of
+                                  tasks (or preference kinds); splits train | eval
     tfds:NAME[/CONFIG][:VERSION]  a TFDS catalog dataset prepared as ArrayRecord in `data_dir`
                                   (a local path or gs:// bucket); any TFDS split string
     jsonl:PATH                    one JSON object per line (see `records`)
@@ -25,7 +27,7 @@ from llm_jax.data import builtin, local, preferences
 from llm_jax.data.errors import DataError, SkipReport
 from llm_jax.data.records import KINDS, check_file, check_kind
 
-BUILTIN_KINDS = {"pretrain": "pretrain", "sft": "sft", "preferences": "preferences"}
+BUILTIN_KINDS = {"pretrain": "pretrain", "sft": "sft", "chat": "sft", "preferences": "preferences"}
 BUILTIN_EVAL_FRACTION = 10  # eval split = size // 10 records (at least 100)
 
 
@@ -67,6 +69,8 @@ class BuiltinRecords(Sequence):
             return builtin.pretrain_record(rng, self.split, self.subset)
         if self.name == "sft":
             return builtin.sft_record(rng, self.split, self.subset)
+        if self.name == "chat":
+            return preferences.chat_record(rng, self.split, self.subset)
         return preferences.preference_record(rng, self.split, self.subset)
 
 
