@@ -135,7 +135,7 @@ def test_event_bytes_parse_with_protobuf(tmp_path):
 
 
 def test_event_file_reads_in_tensorboard(tmp_path):
-    """Only where tensorboard / tbparse are installed (not a dependency)."""
+    """TensorBoard itself reads our event file (the test extra installs it; not a runtime dependency)."""
     try:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     except ImportError:
