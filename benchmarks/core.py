@@ -1106,6 +1106,16 @@ def targets_md(r: dict) -> list[str]:
     return L
 
 
+# The stage benchmarks (sampling, DPO vs SFT, the PPO split, the pipeline's stage
+# times) have their own script and report; RESULTS.md points there.
+STAGES_POINTER = [
+    "## Stage benchmarks\n",
+    "Sampling with and without the KV cache, a DPO step against an SFT step on the same tokens, "
+    "the PPO iteration's rollout / score / update split and the wall time of each stage of the "
+    "main job: `python -m benchmarks.stages` writes them to [STAGE_RESULTS.md](STAGE_RESULTS.md).",
+]
+
+
 def write_report(path: str, r: dict, command: str):
     m, v = r["machine"], r["versions"]
     mf = r["model_flops"]
@@ -1418,6 +1428,8 @@ def write_report(path: str, r: dict, command: str):
     w("")
     w("### Targets: met or missed, and why\n")
     L.extend(targets_md(r))
+    w("")
+    L.extend(STAGES_POINTER)
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
 
