@@ -3,6 +3,8 @@
     cd /work/main && PYTHONPATH=. python -m benchmarks.stages                  # the real run: ~7 min (432 s at load 0.7-2)
     PYTHONPATH=. python -m benchmarks.stages --quick --out /tmp/stages.md      # does it run? numbers mean nothing
     PYTHONPATH=. python -m benchmarks.stages --report-only benchmarks/stage_results.json --out /tmp/s.md
+    PYTHONPATH=. python -m benchmarks.stages --report-only benchmarks/stage_results.json --run runs/demo
+                                                     # section 4 from a newer pipeline run, the rest as measured
 
 Writes benchmarks/STAGE_RESULTS.md and benchmarks/stage_results.json (or
 `--out PATH.md` and PATH.json beside it). Two models, float32 on one CPU device:
@@ -50,7 +52,7 @@ import numpy as np
 from benchmarks import core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_RUN = "/work/scratch/full"
+DEFAULT_RUN = "runs/demo"  # the README quick start's run directory
 STAGES = ("pretrain", "sft", "rm", "ppo", "dpo")
 
 # Targets (from the issue); met/missed is computed from the measurements.
@@ -72,11 +74,6 @@ def model_configs(names: list[str]) -> dict:
     if bad:
         raise ValueError(f"--models: unknown {bad}; choose from {sorted(known)}")
     return {n: known[n].validate() for n in names}
-
-
-def param_count(params) -> int:
-    import jax
-    return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
 def one_device_mesh():
@@ -204,7 +201,7 @@ def section_sampling(cfg, new_tokens: int, rounds: int, direct_nocache: bool) ->
     The speed-up uses the direct no-cache time when measured, else the
     estimate. Outputs are compared token by token: greedy decoding with and
     without the cache should agree up to float ties (reported, not asserted)."""
-    from llm_jax import generate
+    from llm_jax import generate, model
     params = init_params(cfg, 0)
     prompts = gen_prompts()
     compile_s = {"kv_cache": compile_sampler(cfg, params, prompts, new_tokens, True)}
@@ -220,7 +217,7 @@ def section_sampling(cfg, new_tokens: int, rounds: int, direct_nocache: bool) ->
         x["compile_s"] = compile_s[name]
     step = res.pop("no_cache_step")
     step.pop("losses")
-    out = {"params": param_count(params), "new_tokens": new_tokens, "batch": GEN_BATCH,
+    out = {"params": model.count_params(params), "new_tokens": new_tokens, "batch": GEN_BATCH,
            "prompt_len": GEN_PROMPT, "rounds": rounds, "direct_nocache": direct_nocache, "timings": res,
            "nocache_step": step,
            "nocache_estimate_median_s": new_tokens * step["wall"]["median"],
@@ -333,7 +330,7 @@ def section_dpo(cfg, rounds: int) -> dict:
     med = {k: res[k]["wall"]["median"] for k in res}
     cpu = {k: res[k]["cpu"]["median"] for k in res}
     tokens = int(sft_host["inputs"].size)
-    return {"params": param_count(ref_params), "pairs": int(host["pair_mask"].sum()), "rows_per_side": rows,
+    return {"params": model.count_params(ref_params), "pairs": int(host["pair_mask"].sum()), "rows_per_side": rows,
             "seq_len": int(host["chosen_inputs"].shape[1]), "tokens_per_step": tokens,
             "real_tokens": int((sft_host["segment_ids"] > 0).sum()),
             "scored_tokens": float(sft_host["weights"].sum()), "rounds": rounds, "timings": res,
@@ -389,7 +386,7 @@ def section_ppo(cfg, iterations: int) -> dict:
                          "response_length": float(m["response_length"]), "loss": float(m["loss"])})
     mean = {k: float(np.mean([r[k] for r in rows])) for k in (*phases, "wall")}
     total = sum(mean[k] for k in phases)
-    return {"params_policy": param_count(policy), "config": dataclasses.asdict(p),
+    return {"params_policy": model.count_params(policy), "config": dataclasses.asdict(p),
             "prompt_len": loader.prompt_len, "iterations": iterations, "warmup_s": warm_s,
             "warmup_phases": {k: float(warm[k]) for k in phases}, "rows": rows, "mean": mean,
             "shares": {k: mean[k] / total for k in phases}, "compiles_in_timed_calls": c[0],
@@ -679,14 +676,21 @@ def main(argv=None):
                          "generate call (default 'large': its direct call takes ~4 min here; '' for none)")
     ap.add_argument("--dpo-rounds", type=int, default=None, help="section 2 timed rounds (default 5, large 3)")
     ap.add_argument("--ppo-iterations", type=int, default=None, help="section 3 timed iterations (default 3, large 2)")
-    ap.add_argument("--run", default=DEFAULT_RUN, help="finished pipeline run directory for section 4")
+    ap.add_argument("--run", default=None,
+                    help=f"finished pipeline run directory for section 4 (default {DEFAULT_RUN}); with "
+                         "--report-only, section 4 is re-read from it and saved into that JSON")
     ap.add_argument("--out", default=os.path.join(HERE, "STAGE_RESULTS.md"),
                     help="the report (default benchmarks/STAGE_RESULTS.md); the JSON goes beside it")
     ap.add_argument("--report-only", metavar="JSON", help="measure nothing: re-render --out from a saved JSON")
     args = ap.parse_args(argv)
     if args.report_only:
         with open(args.report_only) as f:
-            write_report(args.out, json.load(f))
+            results = json.load(f)
+        if args.run is not None:  # a newer pipeline run: only its section changes
+            results["run"] = section_run(args.run)
+            with open(args.report_only, "w") as f:
+                json.dump(results, f, indent=1, default=str)
+        write_report(args.out, results)
         print(f"wrote {args.out} from {args.report_only}", flush=True)
         return
     q = args.quick
@@ -713,7 +717,7 @@ def main(argv=None):
                      "machine": core.machine_info(), "versions": core.versions(), "args": vars(args),
                      "models": {k: dataclasses.asdict(c) for k, c in models.items()}}
     results["versions"].pop("torch", None)
-    results["params"] = {k: param_count(jax.eval_shape(functools.partial(model.init, c), jax.random.PRNGKey(0)))
+    results["params"] = {k: model.count_params(jax.eval_shape(functools.partial(model.init, c), jax.random.PRNGKey(0)))
                          for k, c in models.items()}
     for name, cfg in models.items():
         if "sampling" in sections:
@@ -730,7 +734,7 @@ def main(argv=None):
             p = section_ppo(cfg, count(name, "ppo_iterations", 3, 2, 1))
             results.setdefault("ppo", {})[name] = p
     if "run" in sections:
-        results["run"] = section_run(args.run)
+        results["run"] = section_run(args.run or DEFAULT_RUN)
     results["loadavg_end"] = os.getloadavg()
     results["runtime_s"] = time.perf_counter() - t_start
     results["command"] = command
