@@ -35,10 +35,26 @@ class ModelConfig:
     causal: bool = True  # False: encoder (bidirectional attention)
     positions: str = "rotary"  # "learned" | "sinusoidal" | "rotary"
     rope_theta: float = 10_000.0
+    # "llama3": Llama 3.1+'s rescaled rotary frequencies (wavelengths beyond
+    # rope_original_max_len / rope_low_freq_factor slowed by rope_factor, a smooth
+    # blend up to rope_original_max_len / rope_high_freq_factor); "none": plain RoPE.
+    rope_scaling: str = "none"  # "none" | "llama3"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     norm: str = "rmsnorm"  # "layernorm" | "rmsnorm"
     norm_eps: float = 1e-5
-    mlp: str = "swiglu"  # "gelu" | "swiglu"
+    # "pre": x + f(norm(x)), one final norm (GPT-2, Llama); "post": norm(x + f(x)),
+    # a norm on the embeddings and none at the end (BERT).
+    norm_position: str = "pre"  # "pre" | "post"
+    mlp: str = "swiglu"  # "gelu" (tanh form, GPT-2) | "gelu_exact" (erf form, BERT) | "swiglu"
     use_bias: bool = False  # biases in attention and MLP projections (GPT-2, BERT)
+    type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, added to the input (BERT)
+    # BERT's masked-LM head: dense D->D + GELU + LayerNorm before the (tied) output
+    # matrix, and a bias on the vocabulary logits.
+    lm_head_transform: bool = False
+    lm_head_bias: bool = False
     tie_embeddings: bool = True
     dropout: float = 0.0  # on embeddings and each residual branch (train only)
     init_std: float = 0.02
@@ -59,8 +75,10 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         choices = {
             "positions": ("learned", "sinusoidal", "rotary"),
+            "rope_scaling": ("none", "llama3"),
             "norm": ("layernorm", "rmsnorm"),
-            "mlp": ("gelu", "swiglu"),
+            "norm_position": ("pre", "post"),
+            "mlp": ("gelu", "gelu_exact", "swiglu"),
             "remat": ("none", "full", "dots"),
             "attention_impl": ("auto", "xla", "cudnn"),
             "dtype": ("float32", "bfloat16", "float16"),
@@ -85,6 +103,15 @@ class ModelConfig:
             raise ConfigError(f"sinusoidal positions need an even model.d_model, got {self.d_model}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
+        if self.type_vocab_size < 0:
+            raise ConfigError(f"model.type_vocab_size={self.type_vocab_size} must be >= 0")
+        if self.rope_scaling == "llama3" and not (
+                self.rope_factor > 0 and 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len > 0):
+            raise ConfigError(
+                f"model.rope_scaling='llama3' needs rope_factor > 0, 0 < rope_low_freq_factor < "
+                f"rope_high_freq_factor and rope_original_max_len > 0; got {self.rope_factor}, "
+                f"{self.rope_low_freq_factor}, {self.rope_high_freq_factor}, {self.rope_original_max_len}")
         return self
 
 
@@ -97,20 +124,24 @@ PRESETS: dict[str, ModelConfig] = {
     "gpt2": ModelConfig(vocab_size=50257, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
                         max_len=1024, positions="learned", norm="layernorm", norm_eps=1e-5,
                         mlp="gelu", use_bias=True, tie_embeddings=True),
-    # Llama-3.2-1B shape: RoPE, RMSNorm, SwiGLU, GQA 32/8, tied embeddings (~1.24B).
+    # Llama-3.2-1B: RoPE with Llama-3 scaling, RMSNorm, SwiGLU, GQA 32/8, tied embeddings (~1.24B).
     "llama": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=32,
                          num_kv_heads=8, d_ff=8192, max_len=8192, positions="rotary",
-                         rope_theta=500_000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                         rope_theta=500_000.0, rope_scaling="llama3", rope_factor=32.0,
+                         rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                         rope_original_max_len=8192, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
                          use_bias=False, tie_embeddings=True),
     # Llama-2-7B shape, for memory planning.
     "llama7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                            d_ff=11008, max_len=4096, positions="rotary", norm="rmsnorm",
                            mlp="swiglu", use_bias=False, tie_embeddings=False),
-    # BERT-base shape (110M): encoder, learned positions, LayerNorm, GELU, biases.
-    # (BERT itself is post-norm with token-type embeddings; this is its pre-norm shape.)
+    # BERT-base (110M): encoder, post-norm, learned positions, token types, erf GELU,
+    # biases, the masked-LM head transform; loads bert-base-uncased (`llm_jax.hf`).
     "bert": ModelConfig(vocab_size=30522, d_model=768, num_layers=12, num_heads=12, d_ff=3072,
                         max_len=512, causal=False, positions="learned", norm="layernorm",
-                        norm_eps=1e-12, mlp="gelu", use_bias=True, tie_embeddings=True),
+                        norm_eps=1e-12, norm_position="post", mlp="gelu_exact", use_bias=True,
+                        type_vocab_size=2, lm_head_transform=True, lm_head_bias=True,
+                        tie_embeddings=True),
 }
 
 

@@ -195,13 +195,14 @@ def _saved_params_tree(ckpt_dir: str, step: int | None) -> tuple[int, dict]:
         manager.close()
 
 
-def load_stage(workdir: str, stage: str, step: int | None = None):
+def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_only: bool = True):
     """(model config, LM params on one device, tokenizer, step) of a run's stage.
 
     The stage's params are the LM params themselves (pretrain, sft, dpo) or a
     dict holding them under "policy" (ppo, whose other entries, e.g. the value
     model, are loaded and dropped). A scalar model ("model" + "head": the reward
-    model) has no LM head to sample from: ConfigError."""
+    model) has no LM head to sample from: ConfigError. `decoder_only=False` also
+    loads encoders (for export; they cannot generate)."""
     if not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: no such directory")
     stage_dir = os.path.join(workdir, stage)
@@ -215,7 +216,7 @@ def load_stage(workdir: str, stage: str, step: int | None = None):
     if not isinstance(saved.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section")
     cfg = model_config_from_dict(saved["model"], config_path)
-    if not cfg.causal:
+    if decoder_only and not cfg.causal:
         raise ConfigError(f"--stage {stage}: model.causal=False (an encoder) cannot generate text")
     try:
         tok = load_tokenizer(os.path.join(workdir, "tokenizer"))

@@ -15,14 +15,19 @@ Letters used in shapes and einsums:
     H head size, F MLP hidden size, V vocab, L layers.
 
 Params (layers stacked on a leading L axis so they run under `lax.scan`):
-    embed [V, D]; pos_embed [max_len, D] (learned positions only)
+    embed [V, D]; pos_embed [max_len, D] (learned positions only);
+    type_embed [type_vocab_size, D] (token types only); embed_norm (post-norm only)
     layers/attn_norm/{scale[, bias]} [L, D]
     layers/attn/{q [L, D, N, H], k [L, D, G, H], v [L, D, G, H], o [L, N, H, D]}
     layers/mlp_norm/{scale[, bias]} [L, D]
     layers/mlp/{up [L, D, F], gate [L, D, F] (SwiGLU only), down [L, F, D]}
     (with use_bias: q_bias [L, N, H], k_bias/v_bias [L, G, H], o_bias [L, D],
      up_bias/gate_bias [L, F], down_bias [L, D])
-    final_norm/{scale[, bias]} [D]; lm_head [D, V] (untied embeddings only)
+    final_norm/{scale[, bias]} [D] (pre-norm only); lm_head [D, V] (untied embeddings only)
+    lm_transform/{kernel [D, D], bias [D], norm/{scale, bias}}; lm_bias [V] (BERT's MLM head)
+
+Pre-norm (GPT-2, Llama) blocks are x + f(norm(x)) with one norm at the end;
+post-norm (BERT) blocks are norm(x + f(x)), with a norm on the embeddings instead.
 """
 
 from __future__ import annotations
@@ -78,12 +83,22 @@ def init(config: ModelConfig, rng: jax.Array) -> Params:
     params: Params = {
         "embed": normal((V, D)),
         "layers": {"attn_norm": norm_params(L), "attn": attn, "mlp_norm": norm_params(L), "mlp": mlp},
-        "final_norm": norm_params(),
     }
+    if c.norm_position == "pre":
+        params["final_norm"] = norm_params()
+    else:
+        params["embed_norm"] = norm_params()
     if c.positions == "learned":
         params["pos_embed"] = normal((c.max_len, D))
+    if c.type_vocab_size:
+        params["type_embed"] = normal((c.type_vocab_size, D))
     if not c.tie_embeddings:
         params["lm_head"] = normal((D, V))
+    if c.lm_head_transform:
+        params["lm_transform"] = {"kernel": normal((D, D)), "bias": jnp.zeros((D,), pdt),
+                                  "norm": norm_params()}
+    if c.lm_head_bias:
+        params["lm_bias"] = jnp.zeros((V,), pdt)
     return params
 
 
@@ -107,12 +122,35 @@ def norm(config: ModelConfig, p: Params, x: jax.Array) -> jax.Array:
     return y.astype(x.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+def rope_frequencies(config: ModelConfig) -> jax.Array:
+    """The rotary angular frequencies [H/2], float32: theta^(-2i/H), and with
+    rope_scaling="llama3" Llama 3.1's rescaling (as Meta's reference code and
+    Hugging Face compute it): long wavelengths slowed by rope_factor, short ones
+    kept, a linear blend in the wavelengths between."""
+    c = config
+    half = c.head_size // 2
+    freqs = c.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if c.rope_scaling == "llama3":
+        wavelen = 2 * math.pi / freqs
+        low_wavelen = c.rope_original_max_len / c.rope_low_freq_factor  # longer: slowed down
+        high_wavelen = c.rope_original_max_len / c.rope_high_freq_factor  # shorter: kept
+        smooth = ((c.rope_original_max_len / wavelen - c.rope_low_freq_factor)
+                  / (c.rope_high_freq_factor - c.rope_low_freq_factor))
+        blended = (1 - smooth) * freqs / c.rope_factor + smooth * freqs
+        freqs = jnp.where(wavelen > low_wavelen, freqs / c.rope_factor,
+                          jnp.where(wavelen < high_wavelen, freqs, blended))
+    return freqs
+
+
+def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0, *,
+           freqs: jax.Array | None = None) -> jax.Array:
     """Rotary position embedding (RoFormer), half-split layout as in Llama/HF.
 
-    x: [B, T, heads, H]; positions: [B, T]."""
+    x: [B, T, heads, H]; positions: [B, T]; freqs: [H/2] (`rope_frequencies`;
+    default theta^(-2i/H), plain RoPE)."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    if freqs is None:
+        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, H/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -186,9 +224,15 @@ def _gelu_tanh_jvp(primals, tangents):
     return jax.nn.gelu(x, approximate=True), (d * dx).astype(x.dtype)
 
 
+def activation(config: ModelConfig, x: jax.Array) -> jax.Array:
+    """The GELU of a non-gated MLP: GPT-2's tanh form or BERT's exact (erf) form."""
+    return gelu_tanh(x) if config.mlp == "gelu" else jax.nn.gelu(x, approximate=False)
+
+
 def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
           mask: jax.Array | None, kv: tuple | None = None, dropout_rng: jax.Array | None = None):
-    """One pre-norm residual block: x + Attn(Norm(x)), then x + MLP(Norm(x)).
+    """One residual block. Pre-norm: x + Attn(Norm(x)), then x + MLP(Norm(x));
+    post-norm (BERT): Norm(x + Attn(x)), then Norm(x + MLP(x)).
 
     x: [B, T, D]. `kv`, when decoding, is (k_cache [B, S, G, H], v_cache, index):
     the new keys/values are written at [index, index + T) and attention reads the
@@ -196,13 +240,15 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
     c = config
     rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
     a = p["attn"]
-    h = norm(c, p["attn_norm"], x)
+    pre = c.norm_position == "pre"
+    h = norm(c, p["attn_norm"], x) if pre else x
     q = _linear(h, a["q"], a.get("q_bias"), "btd,dnh->btnh")  # [B, T, N, H]
     k = _linear(h, a["k"], a.get("k_bias"), "btd,dgh->btgh")  # [B, T, G, H]
     v = _linear(h, a["v"], a.get("v_bias"), "btd,dgh->btgh")  # [B, T, G, H]
     if c.positions == "rotary":
-        q = rotary(q, positions, c.rope_theta)
-        k = rotary(k, positions, c.rope_theta)
+        freqs = rope_frequencies(c)
+        q = rotary(q, positions, freqs=freqs)
+        k = rotary(k, positions, freqs=freqs)
     new_kv = None
     if kv is not None:
         k_cache, v_cache, index = kv
@@ -214,16 +260,20 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
     o = attention(q, k, v, mask, causal=causal_only, impl=c.attention_impl)  # [B, T, N, H]
     o = _linear(o, a["o"], a.get("o_bias"), "btnh,nhd->btd")
     x = x + _dropout(o, c.dropout, rngs[0])
+    if not pre:
+        x = norm(c, p["attn_norm"], x)
 
     m = p["mlp"]
-    h = norm(c, p["mlp_norm"], x)
+    h = norm(c, p["mlp_norm"], x) if pre else x
     up = _linear(h, m["up"], m.get("up_bias"))  # [B, T, F]
     if c.mlp == "swiglu":
         up = jax.nn.silu(_linear(h, m["gate"], m.get("gate_bias"))) * up
     else:
-        up = gelu_tanh(up)  # GPT-2's tanh form
+        up = activation(c, up)
     out = _linear(up, m["down"], m.get("down_bias"), "btf,fd->btd")
     x = x + _dropout(out, c.dropout, rngs[1])
+    if not pre:
+        x = norm(c, p["mlp_norm"], x)
     return constrain_activations(x), new_kv
 
 
@@ -261,7 +311,8 @@ def make_mask(causal: bool, q_segments: jax.Array | None, k_segments: jax.Array 
 
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
             positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
-            cache: Params | None = None, dropout_rng: jax.Array | None = None):
+            cache: Params | None = None, dropout_rng: jax.Array | None = None,
+            token_types: jax.Array | None = None):
     """Token ids [B, T] -> final hidden states [B, T, D] (after the final norm).
 
     positions: [B, T] model positions; default 0..T-1, restarted per segment when
@@ -270,6 +321,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
       rows; 0 may mark padding).
     cache: from `init_cache`; returns (hidden, new_cache) instead of hidden.
     dropout_rng: enables dropout (training); None is deterministic.
+    token_types: [B, T] int segment-A/B ids (models with type_vocab_size > 0;
+      default all 0, as Hugging Face's BERT does without token_type_ids).
     """
     c = config
     B, T = tokens.shape
@@ -286,6 +339,14 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
         x = x + params["pos_embed"].astype(dtype)[positions]
     elif c.positions == "sinusoidal":
         x = x + sinusoidal(positions, c.d_model).astype(dtype)
+    if c.type_vocab_size:
+        type_embed = params["type_embed"].astype(dtype)
+        x = x + (type_embed[0] if token_types is None else type_embed[token_types])
+    elif token_types is not None:
+        raise ValueError("token_types given, but this model has no token-type embeddings "
+                         "(model.type_vocab_size=0)")
+    if c.norm_position == "post":
+        x = norm(c, params["embed_norm"], x)
     emb_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     x = constrain_activations(_dropout(x, c.dropout, emb_rng))
 
@@ -325,7 +386,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
             outs.append(o)
         kv_out = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
 
-    hidden = norm(c, params["final_norm"], x)
+    hidden = norm(c, params["final_norm"], x) if c.norm_position == "pre" else x
     if cache is None:
         return hidden
     new_cache = {"k": kv_out[0], "v": kv_out[1], "segment_ids": k_segments, "index": index + T}
@@ -372,10 +433,19 @@ def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Arr
     (like `attention(impl="auto")`). The forward-mode derivative is not defined
     for the CPU form; use untied embeddings or another backend for jvp."""
     dtype = jnp.dtype(config.dtype)
+    if config.lm_head_transform:  # BERT: dense + GELU + LayerNorm, then the output matrix
+        t = params["lm_transform"]
+        hidden = activation(config, _linear(hidden, t["kernel"].astype(dtype), t["bias"].astype(dtype),
+                                            "btd,de->bte"))
+        hidden = norm(config, t["norm"], hidden)
     if config.tie_embeddings and _cpu_tied_head():
-        return _tied_logits(hidden, params["embed"].astype(dtype))
-    w = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [D, V]
-    return jnp.einsum("btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32)
+        logits = _tied_logits(hidden, params["embed"].astype(dtype))
+    else:
+        w = params["embed"].T if config.tie_embeddings else params["lm_head"]  # [D, V]
+        logits = jnp.einsum("btd,dv->btv", hidden, w.astype(dtype), preferred_element_type=jnp.float32)
+    if config.lm_head_bias:
+        logits = logits + params["lm_bias"].astype(jnp.float32)
+    return logits
 
 
 def apply(config: ModelConfig, params: Params, tokens: jax.Array, **kwargs) -> jax.Array:

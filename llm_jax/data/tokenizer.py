@@ -6,9 +6,12 @@ dropping special tokens, `vocab_size`, `pad_id` ... `response_id`, `save(dir)`):
 * `ByteTokenizer`: no training; UTF-8 bytes shifted past the special ids.
 * `BpeTokenizer`: byte-level BPE trained on the run's own corpus with the
   `tokenizers` library (`train_bpe`); any text round-trips, no unknown token.
+* `HfTokenizer`: a Hugging Face `tokenizer.json` from a local directory
+  (`load_hf_tokenizer`), for a model imported with `llm_jax.hf`; its special
+  tokens keep the ids that model was trained with.
 
-Both keep the special tokens at ids 0..5, so a batch means the same thing
-whichever tokenizer made it. A tokenizer directory holds `meta.json` (kind,
+The first two keep the special tokens at ids 0..5, so a batch means the same
+thing whichever tokenizer made it. A tokenizer directory holds `meta.json` (kind,
 special tokens, vocab size) and `tokenizer.json` (for BPE the `tokenizers`
 file; for bytes a copy of the meta), and `load_tokenizer(dir)` returns
 whichever kind was saved.
@@ -127,10 +130,12 @@ def load_tokenizer(directory: str) -> ByteTokenizer | BpeTokenizer:
     except FileNotFoundError:
         raise FileNotFoundError(f"no tokenizer at {directory} (no {META_FILE}): "
                                 "was the run directory created by llm_jax?") from None
-    if tuple(meta.get("special_tokens", ())) != SPECIAL_TOKENS:
+    if meta.get("kind") != "hf" and tuple(meta.get("special_tokens", ())) != SPECIAL_TOKENS:
         raise TokenizerError(f"{path}: special tokens {meta.get('special_tokens')} differ from this "
                              f"version's {list(SPECIAL_TOKENS)}")
     kind = meta.get("kind")
+    if kind == "hf":
+        return HfTokenizer.load(directory, meta)
     if kind == "byte":
         return ByteTokenizer()
     if kind == "bpe":
@@ -145,3 +150,104 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
         raise TokenizerError(
             f"the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
             f"{model_vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}")
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face tokenizers
+
+# Where each of our roles is looked up in a HF tokenizer_config.json /
+# special_tokens_map.json, first match wins (BERT has cls/sep, not bos/eos).
+HF_ROLES = {"bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token"),
+            "pad": ("pad_token", "eos_token", "sep_token"), "mask": ("mask_token",)}
+# The SFT template's markers: kept if the tokenizer has them, else added at the
+# end of its vocabulary (the model's embeddings grow to match: `hf.resize_vocab`).
+TEMPLATE_TOKENS = {"prompt": "<prompt>", "response": "<response>"}
+
+
+class HfTokenizer:
+    """A Hugging Face fast tokenizer (`tokenizer.json`) with the special-token ids its
+    model was trained with: bos/eos/pad/mask from its config, plus the SFT
+    template's <prompt>/<response> markers. `mask_id` is None when it has no mask token."""
+
+    kind = "hf"
+
+    def __init__(self, tokenizer, tokens: dict[str, str | None]):
+        from tokenizers import AddedToken
+        missing = [v for k, v in TEMPLATE_TOKENS.items() if tokenizer.token_to_id(v) is None]
+        if missing:
+            tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+        self.tokens = {**tokens, **TEMPLATE_TOKENS}
+        for role in ("bos", "eos", "pad"):
+            if self.tokens.get(role) is None:
+                raise TokenizerError(f"Hugging Face tokenizer has no {role} token "
+                                     f"(looked for {', '.join(HF_ROLES[role])})")
+        ids = {}
+        for role, text in self.tokens.items():
+            ids[role] = None if text is None else tokenizer.token_to_id(text)
+            if text is not None and ids[role] is None:
+                raise TokenizerError(f"Hugging Face tokenizer: {role} token {text!r} is not in its vocabulary")
+        self._tok = tokenizer
+        self.bos_id, self.eos_id, self.pad_id, self.mask_id = ids["bos"], ids["eos"], ids["pad"], ids["mask"]
+        self.prompt_id, self.response_id = ids["prompt"], ids["response"]
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, directory: str) -> None:
+        """The run's tokenizer/: meta.json (kind "hf", the role tokens) + tokenizer.json."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, META_FILE), "w") as f:
+            json.dump({"kind": self.kind, "tokens": self.tokens, "vocab_size": self.vocab_size}, f, indent=2)
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+
+    @classmethod
+    def load(cls, directory: str, meta: dict) -> "HfTokenizer":
+        from tokenizers import Tokenizer
+        return cls(Tokenizer.from_file(os.path.join(directory, "tokenizer.json")), meta["tokens"])
+
+    def save_hf(self, directory: str) -> None:
+        """tokenizer.json + tokenizer_config.json as `transformers.AutoTokenizer` reads them."""
+        os.makedirs(directory, exist_ok=True)
+        self._tok.save(os.path.join(directory, "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30),
+                  **{f"{role}_token": self.tokens[role] for role in ("bos", "eos", "pad", "mask")
+                     if self.tokens.get(role) is not None}}
+        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_hf_tokenizer(directory: str) -> HfTokenizer:
+    """The Hugging Face tokenizer in a local directory (tokenizer.json, with its
+    special tokens named in tokenizer_config.json or special_tokens_map.json)."""
+    from tokenizers import Tokenizer
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        raise TokenizerError(f"{directory}: no tokenizer.json (only Hugging Face fast tokenizers "
+                             "can be loaded; convert a slow one with transformers first)")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers library raises its own exception type
+        raise TokenizerError(f"{path}: not a readable Hugging Face tokenizer ({e})") from None
+    named: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        file = os.path.join(directory, name)
+        if os.path.exists(file):
+            with open(file) as f:
+                named.update({k: v for k, v in json.load(f).items() if _token_text(v) is not None})
+    tokens = {role: next((_token_text(named[k]) for k in keys if k in named), None)
+              for role, keys in HF_ROLES.items()}
+    return HfTokenizer(tok, tokens)

@@ -1,0 +1,624 @@
+"""Hugging Face interop: import and export GPT-2, Llama-family and BERT checkpoints.
+
+    cfg, params = hf.load_pretrained("path/to/hf_dir")          # config.json + *.safetensors
+    hf.save_pretrained("out_dir", cfg, params, tokenizer=tok)   # a directory `transformers` loads
+    python -m llm_jax.hf export --workdir runs/x --stage sft --out hf_out
+
+Only local directories, and only `config.json` + safetensors (single file or
+sharded with `model.safetensors.index.json`): weights never pass through pickle,
+and this module needs neither torch nor transformers. The safetensors format is
+read and written here directly (an 8-byte header length, a JSON header, raw
+little-endian bytes), memory-mapped, with bfloat16 through `ml_dtypes` (which
+JAX ships), so a multi-gigabyte file is never copied whole into memory.
+
+Families (`model_type` in config.json) and the llm_jax layout they map to:
+    gpt2                 learned positions, LayerNorm, tanh GELU, biases, tied head;
+                         Conv1D weights are [in, out]; c_attn holds q|k|v side by side
+    llama, mistral       RoPE (half-split, as HF stores it; Llama-3 scaling), RMSNorm,
+                         SwiGLU, grouped-query attention; torch Linear weights are [out, in]
+    bert                 post-norm encoder, token types, erf GELU, the masked-LM head
+                         (BertForMaskedLM; a BertModel checkpoint without the head is
+                         read with `init_missing_head=True`, which gives a fresh head)
+A checkpoint with a setting this model does not implement (GPT-2's attention
+scaled by layer index, Mistral's sliding window shorter than the context, BERT's
+relative positions, a RoPE scaling other than Llama 3's ...) is refused with the
+setting's name, never loaded into a model that would compute something else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import ml_dtypes
+import numpy as np
+
+from llm_jax.config import ModelConfig
+
+Params = dict[str, Any]
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class HFError(ValueError):
+    """A Hugging Face directory, config or weight that cannot be imported or exported;
+    the message names the file and the setting or tensor."""
+
+
+# ---------------------------------------------------------------------------
+# safetensors, read and written directly
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+           "BOOL": np.bool_}
+_DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one .safetensors file as read-only memory-mapped numpy arrays."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise HFError(f"{path}: not a readable safetensors file ({e})") from None
+    header.pop("__metadata__", None)
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if header else None
+    out = {}
+    for name, info in header.items():
+        if info["dtype"] not in _DTYPES:
+            raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
+        start, end = info["data_offsets"]
+        out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Writes `tensors` (name -> array) as one .safetensors file, names sorted."""
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset, arrays = 0, []
+    for name in sorted(tensors):
+        a = np.ascontiguousarray(tensors[name])
+        if a.dtype not in _DTYPE_NAMES:
+            raise HFError(f"tensor {name}: dtype {a.dtype} cannot be written to safetensors")
+        header[name] = {"dtype": _DTYPE_NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for a in arrays:
+            f.write(a.tobytes())
+
+
+def read_weights(directory: str) -> dict[str, np.ndarray]:
+    """Every tensor of a HF directory: model.safetensors, or the shards its index names."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
+        files = [WEIGHTS_FILE]
+    else:
+        found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+        hint = (f" (found {pickles}: pickle files are never loaded; convert them to safetensors "
+                "with `transformers` first)" if pickles else "")
+        raise HFError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        tensors.update(read_safetensors(os.path.join(directory, name)))
+    return tensors
+
+
+# ---------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def read_config(directory: str) -> dict:
+    path = os.path.join(directory, CONFIG_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise HFError(f"{directory}: no {CONFIG_FILE}; is this a Hugging Face model directory?") from None
+    except json.JSONDecodeError as e:
+        raise HFError(f"{path}: not valid JSON ({e})") from None
+
+
+def _require(hf: dict, where: str, key: str, allowed, default=None) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise HFError(f"{where}: {key}={value!r} is not supported by llm_jax (supported: {list(allowed)})")
+
+
+def _rope_settings(hf: dict, where: str) -> dict:
+    """RoPE theta and scaling from either format: `rope_theta` + `rope_scaling`
+    (files written before transformers 5) or `rope_parameters` (transformers 5)."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or {})
+    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    merged = {**scaling, **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    out = {"rope_theta": float(theta)}
+    if kind == "llama3":
+        out.update(rope_scaling="llama3", rope_factor=float(merged["factor"]),
+                   rope_low_freq_factor=float(merged["low_freq_factor"]),
+                   rope_high_freq_factor=float(merged["high_freq_factor"]),
+                   rope_original_max_len=int(merged["original_max_position_embeddings"]))
+    elif kind != "default":
+        raise HFError(f"{where}: RoPE scaling {kind!r} is not supported by llm_jax "
+                      "(supported: none, 'llama3')")
+    if float(merged.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFError(f"{where}: partial_rotary_factor={merged['partial_rotary_factor']} is not supported")
+    return out
+
+
+def config_from_hf(hf: dict, where: str = CONFIG_FILE) -> ModelConfig:
+    """The llm_jax ModelConfig of a HF config.json dict (float32; see `load_pretrained`)."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        _require(hf, where, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
+        for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+            _require(hf, where, key, (ok,), ok)
+        d = hf["n_embd"]
+        return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["n_layer"],
+                           num_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
+                           max_len=hf["n_positions"], positions="learned", norm="layernorm",
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", use_bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True)).validate()
+    if kind in ("llama", "mistral"):
+        _require(hf, where, "hidden_act", ("silu",), "silu")
+        _require(hf, where, "attention_bias", (False,), False)
+        _require(hf, where, "mlp_bias", (False,), False)
+        window = hf.get("sliding_window")
+        if window is not None and window < hf["max_position_embeddings"]:
+            raise HFError(f"{where}: sliding_window={window} < max_position_embeddings="
+                          f"{hf['max_position_embeddings']}: sliding-window attention is not supported")
+        n = hf["num_attention_heads"]
+        return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                           num_layers=hf["num_hidden_layers"], num_heads=n,
+                           num_kv_heads=hf.get("num_key_value_heads") or n,
+                           head_dim=hf.get("head_dim") or hf["hidden_size"] // n,
+                           d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
+                           positions="rotary", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           mlp="swiglu", use_bias=False,
+                           tie_embeddings=hf.get("tie_word_embeddings", False),
+                           **_rope_settings(hf, where)).validate()
+    if kind == "bert":
+        _require(hf, where, "hidden_act", ("gelu",), "gelu")
+        _require(hf, where, "position_embedding_type", ("absolute",), "absolute")
+        _require(hf, where, "is_decoder", (False,), False)
+        return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                           num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
+                           d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
+                           causal=False, positions="learned", norm="layernorm",
+                           norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post",
+                           mlp="gelu_exact", use_bias=True, type_vocab_size=hf.get("type_vocab_size", 2),
+                           lm_head_transform=True, lm_head_bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True)).validate()
+    raise HFError(f"{where}: model_type={kind!r} is not supported (supported: gpt2, llama, mistral, bert)")
+
+
+# What each family needs of a ModelConfig to be exported as it (field -> value).
+_FAMILY_SHAPE = {
+    "gpt2": dict(causal=True, positions="learned", norm="layernorm", norm_position="pre", mlp="gelu",
+                 use_bias=True, type_vocab_size=0, lm_head_transform=False, lm_head_bias=False,
+                 tie_embeddings=True),
+    "llama": dict(causal=True, positions="rotary", norm="rmsnorm", norm_position="pre", mlp="swiglu",
+                  use_bias=False, type_vocab_size=0, lm_head_transform=False, lm_head_bias=False),
+    "bert": dict(causal=False, positions="learned", norm="layernorm", norm_position="post",
+                 mlp="gelu_exact", use_bias=True, lm_head_transform=True, lm_head_bias=True,
+                 tie_embeddings=True),
+}
+
+
+def family_of(cfg: ModelConfig) -> str:
+    """The HF family a config can be exported as, or an HFError that says why none fits."""
+    reasons = []
+    for family, shape in _FAMILY_SHAPE.items():
+        wrong = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in shape.items() if getattr(cfg, k) != v]
+        if family == "gpt2" and (cfg.kv_heads != cfg.num_heads or cfg.head_size * cfg.num_heads != cfg.d_model):
+            wrong.append("grouped-query attention or a head_dim other than d_model/num_heads")
+        if not wrong:
+            return family
+        reasons.append(f"{family}: model.{', model.'.join(wrong)}")
+    raise HFError("this model matches no Hugging Face family llm_jax exports; " + "; ".join(reasons))
+
+
+def config_to_hf(cfg: ModelConfig, family: str, tokenizer=None) -> dict:
+    """The config.json dict of `cfg` as `family` (see `family_of`)."""
+    specials = _special_ids(tokenizer)
+    dtype = {"float32": "float32", "bfloat16": "bfloat16"}[cfg.param_dtype]
+    if family == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+                "n_positions": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.num_layers,
+                "n_head": cfg.num_heads, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
+                "layer_norm_epsilon": cfg.norm_eps, "tie_word_embeddings": True,
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "reorder_and_upcast_attn": False, "torch_dtype": dtype, **specials}
+    if family == "llama":
+        out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+               "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+               "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.kv_heads,
+               "head_dim": cfg.head_size, "hidden_act": "silu", "max_position_embeddings": cfg.max_len,
+               "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "rope_scaling": None,
+               "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False, "mlp_bias": False,
+               "torch_dtype": dtype, **specials}
+        if cfg.rope_scaling == "llama3":
+            out["rope_scaling"] = {"rope_type": "llama3", "factor": cfg.rope_factor,
+                                   "low_freq_factor": cfg.rope_low_freq_factor,
+                                   "high_freq_factor": cfg.rope_high_freq_factor,
+                                   "original_max_position_embeddings": cfg.rope_original_max_len}
+        return out
+    return {"architectures": ["BertForMaskedLM"], "model_type": "bert", "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model, "num_hidden_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.d_ff, "hidden_act": "gelu",
+            "max_position_embeddings": cfg.max_len, "type_vocab_size": max(cfg.type_vocab_size, 1),
+            "layer_norm_eps": cfg.norm_eps, "position_embedding_type": "absolute",
+            "tie_word_embeddings": True, "torch_dtype": dtype, **specials}
+
+
+def _special_ids(tokenizer) -> dict:
+    if tokenizer is None:
+        return {}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+
+
+# ---------------------------------------------------------------------------
+# Weight layouts. Each family is a pair of functions between HF tensor names and
+# the llm_jax params tree (see model.py for its shapes); layers are stacked on L.
+
+
+class _Reader:
+    """Named access to a checkpoint's tensors that says which one is missing or
+    misshapen, and remembers which were used (to report those that were not).
+
+    Names are given without the model's prefix: checkpoints differ in it
+    ("transformer.h.0" or "h.0", "bert.encoder" or "encoder")."""
+
+    def __init__(self, tensors: dict[str, np.ndarray], where: str, prefix: str):
+        self.where, self.tensors, self.used = where, tensors, set()
+        self.names = {n[len(prefix):] if n.startswith(prefix) else n: n for n in tensors}
+
+    def has(self, name: str) -> bool:
+        return name in self.names
+
+    def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in self.names:
+            raise HFError(f"{self.where}: tensor {name} is missing")
+        a = self.tensors[self.names[name]]
+        if tuple(a.shape) != tuple(shape):
+            raise HFError(f"{self.where}: tensor {self.names[name]} has shape {tuple(a.shape)}, "
+                          f"the config implies {shape}")
+        self.used.add(self.names[name])
+        return np.asarray(a, np.float32)
+
+    def stack(self, pattern: str, layers: int, shape: tuple[int, ...], fn: Callable = lambda a: a) -> np.ndarray:
+        return np.stack([fn(self(pattern.format(i), shape)) for i in range(layers)])
+
+
+def _gpt2_from_hf(r: _Reader, c: ModelConfig) -> Params:
+    L, D, N, H, F = c.num_layers, c.d_model, c.num_heads, c.head_size, c.d_ff
+    h = "h.{}."
+    qkv = r.stack(h + "attn.c_attn.weight", L, (D, 3 * D))  # [L, D, 3D]: q | k | v
+    qkv_b = r.stack(h + "attn.c_attn.bias", L, (3 * D,))
+    q, k, v = (qkv[:, :, i * D:(i + 1) * D].reshape(L, D, N, H) for i in range(3))
+    qb, kb, vb = (qkv_b[:, i * D:(i + 1) * D].reshape(L, N, H) for i in range(3))
+
+    def ln(name, stacked=True):
+        get = (lambda n, s: r.stack(h + n, L, s)) if stacked else r
+        return {"scale": get(name + ".weight", (D,)), "bias": get(name + ".bias", (D,))}
+
+    return {
+        "embed": r("wte.weight", (c.vocab_size, D)), "pos_embed": r("wpe.weight", (c.max_len, D)),
+        "layers": {
+            "attn_norm": ln("ln_1"), "mlp_norm": ln("ln_2"),
+            "attn": {"q": q, "k": k, "v": v, "q_bias": qb, "k_bias": kb, "v_bias": vb,
+                     "o": r.stack(h + "attn.c_proj.weight", L, (D, D)).reshape(L, N, H, D),
+                     "o_bias": r.stack(h + "attn.c_proj.bias", L, (D,))},
+            "mlp": {"up": r.stack(h + "mlp.c_fc.weight", L, (D, F)), "up_bias": r.stack(h + "mlp.c_fc.bias", L, (F,)),
+                    "down": r.stack(h + "mlp.c_proj.weight", L, (F, D)),
+                    "down_bias": r.stack(h + "mlp.c_proj.bias", L, (D,))},
+        },
+        "final_norm": ln("ln_f", stacked=False),
+    }
+
+
+def _gpt2_to_hf(p: Params, c: ModelConfig) -> dict[str, np.ndarray]:
+    L, D = c.num_layers, c.d_model
+    a, m = p["layers"]["attn"], p["layers"]["mlp"]
+    out = {"transformer.wte.weight": p["embed"], "transformer.wpe.weight": p["pos_embed"],
+           "transformer.ln_f.weight": p["final_norm"]["scale"], "transformer.ln_f.bias": p["final_norm"]["bias"]}
+    for i in range(L):
+        h = f"transformer.h.{i}."
+        out[h + "attn.c_attn.weight"] = np.concatenate([a[x][i].reshape(D, D) for x in "qkv"], axis=1)
+        out[h + "attn.c_attn.bias"] = np.concatenate([a[x + "_bias"][i].reshape(D) for x in "qkv"])
+        out[h + "attn.c_proj.weight"] = a["o"][i].reshape(D, D)
+        out[h + "attn.c_proj.bias"] = a["o_bias"][i]
+        out[h + "mlp.c_fc.weight"], out[h + "mlp.c_fc.bias"] = m["up"][i], m["up_bias"][i]
+        out[h + "mlp.c_proj.weight"], out[h + "mlp.c_proj.bias"] = m["down"][i], m["down_bias"][i]
+        for ours, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+            out[h + theirs + ".weight"] = p["layers"][ours]["scale"][i]
+            out[h + theirs + ".bias"] = p["layers"][ours]["bias"][i]
+    return out
+
+
+def _llama_from_hf(r: _Reader, c: ModelConfig) -> Params:
+    L, D, N, G, H, F = c.num_layers, c.d_model, c.num_heads, c.kv_heads, c.head_size, c.d_ff
+    h = "layers.{}."
+    # torch Linear weights are [out, in]; ours are [in, out...].
+    params = {
+        "embed": r("embed_tokens.weight", (c.vocab_size, D)),
+        "layers": {
+            "attn_norm": {"scale": r.stack(h + "input_layernorm.weight", L, (D,))},
+            "mlp_norm": {"scale": r.stack(h + "post_attention_layernorm.weight", L, (D,))},
+            "attn": {"q": r.stack(h + "self_attn.q_proj.weight", L, (N * H, D), lambda w: w.T.reshape(D, N, H)),
+                     "k": r.stack(h + "self_attn.k_proj.weight", L, (G * H, D), lambda w: w.T.reshape(D, G, H)),
+                     "v": r.stack(h + "self_attn.v_proj.weight", L, (G * H, D), lambda w: w.T.reshape(D, G, H)),
+                     "o": r.stack(h + "self_attn.o_proj.weight", L, (D, N * H), lambda w: w.T.reshape(N, H, D))},
+            "mlp": {"up": r.stack(h + "mlp.up_proj.weight", L, (F, D), np.transpose),
+                    "gate": r.stack(h + "mlp.gate_proj.weight", L, (F, D), np.transpose),
+                    "down": r.stack(h + "mlp.down_proj.weight", L, (D, F), np.transpose)},
+        },
+        "final_norm": {"scale": r("norm.weight", (D,))},
+    }
+    if not c.tie_embeddings:
+        params["lm_head"] = r("lm_head.weight", (c.vocab_size, D)).T
+    return params
+
+
+def _llama_to_hf(p: Params, c: ModelConfig) -> dict[str, np.ndarray]:
+    L, D, N, G, H = c.num_layers, c.d_model, c.num_heads, c.kv_heads, c.head_size
+    a, m = p["layers"]["attn"], p["layers"]["mlp"]
+    out = {"model.embed_tokens.weight": p["embed"], "model.norm.weight": p["final_norm"]["scale"]}
+    if not c.tie_embeddings:
+        out["lm_head.weight"] = p["lm_head"].T
+    for i in range(L):
+        h = f"model.layers.{i}."
+        out[h + "input_layernorm.weight"] = p["layers"]["attn_norm"]["scale"][i]
+        out[h + "post_attention_layernorm.weight"] = p["layers"]["mlp_norm"]["scale"][i]
+        out[h + "self_attn.q_proj.weight"] = a["q"][i].reshape(D, N * H).T
+        out[h + "self_attn.k_proj.weight"] = a["k"][i].reshape(D, G * H).T
+        out[h + "self_attn.v_proj.weight"] = a["v"][i].reshape(D, G * H).T
+        out[h + "self_attn.o_proj.weight"] = a["o"][i].reshape(N * H, D).T
+        for x in ("up", "gate", "down"):
+            out[h + f"mlp.{x}_proj.weight"] = m[x][i].T
+    return out
+
+
+# BERT checkpoints from before PyTorch used LayerNorm.gamma/beta for weight/bias.
+_BERT_RENAMES = (("LayerNorm.gamma", "LayerNorm.weight"), ("LayerNorm.beta", "LayerNorm.bias"))
+
+
+def _bert_from_hf(r: _Reader, c: ModelConfig, init_missing_head: bool) -> Params:
+    L, D, N, H, F, V = c.num_layers, c.d_model, c.num_heads, c.head_size, c.d_ff, c.vocab_size
+    h = "encoder.layer.{}."
+
+    def dense(name, shape_out_in, fn):
+        return (r.stack(h + name + ".weight", L, shape_out_in, fn),
+                r.stack(h + name + ".bias", L, (shape_out_in[0],)))
+
+    def ln(name, stacked=True):
+        get = (lambda n, s: r.stack(h + n, L, s)) if stacked else r
+        return {"scale": get(name + ".weight", (D,)), "bias": get(name + ".bias", (D,))}
+
+    qkv = {x: dense(f"attention.self.{name}", (D, D), lambda w: w.T.reshape(D, N, H))
+           for x, name in (("q", "query"), ("k", "key"), ("v", "value"))}
+    o, o_bias = dense("attention.output.dense", (D, D), lambda w: w.T.reshape(N, H, D))
+    up, up_bias = dense("intermediate.dense", (F, D), np.transpose)
+    down, down_bias = dense("output.dense", (D, F), np.transpose)
+    attn = {"o": o, "o_bias": o_bias}
+    for x, (w, b) in qkv.items():
+        attn[x], attn[x + "_bias"] = w, b.reshape(L, N, H)
+    params = {
+        "embed": r("embeddings.word_embeddings.weight", (V, D)),
+        "pos_embed": r("embeddings.position_embeddings.weight", (c.max_len, D)),
+        "type_embed": r("embeddings.token_type_embeddings.weight", (c.type_vocab_size, D)),
+        "embed_norm": ln("embeddings.LayerNorm", stacked=False),
+        "layers": {"attn_norm": ln("attention.output.LayerNorm"), "mlp_norm": ln("output.LayerNorm"),
+                   "attn": attn, "mlp": {"up": up, "up_bias": up_bias, "down": down, "down_bias": down_bias}},
+    }
+    t = "cls.predictions."
+    if r.has(t + "transform.dense.weight"):
+        params["lm_transform"] = {"kernel": r(t + "transform.dense.weight", (D, D)).T,
+                                  "bias": r(t + "transform.dense.bias", (D,)),
+                                  "norm": {"scale": r(t + "transform.LayerNorm.weight", (D,)),
+                                           "bias": r(t + "transform.LayerNorm.bias", (D,))}}
+        bias = t + "bias" if r.has(t + "bias") else t + "decoder.bias"
+        params["lm_bias"] = r(bias, (V,))
+    elif not init_missing_head:
+        raise HFError(f"{r.where}: no masked-LM head (cls.predictions.*): a BertModel checkpoint; "
+                      "pass init_missing_head=True for a freshly initialised head (e.g. to fine-tune a classifier)")
+    return params
+
+
+def _bert_to_hf(p: Params, c: ModelConfig) -> dict[str, np.ndarray]:
+    L, D = c.num_layers, c.d_model
+    a, m, b = p["layers"]["attn"], p["layers"]["mlp"], "bert."
+    type_embed = p.get("type_embed", np.zeros((1, D), np.float32))  # HF's BERT always adds one
+    out = {b + "embeddings.word_embeddings.weight": p["embed"],
+           b + "embeddings.position_embeddings.weight": p["pos_embed"],
+           b + "embeddings.token_type_embeddings.weight": type_embed,
+           b + "embeddings.LayerNorm.weight": p["embed_norm"]["scale"],
+           b + "embeddings.LayerNorm.bias": p["embed_norm"]["bias"],
+           "cls.predictions.transform.dense.weight": p["lm_transform"]["kernel"].T,
+           "cls.predictions.transform.dense.bias": p["lm_transform"]["bias"],
+           "cls.predictions.transform.LayerNorm.weight": p["lm_transform"]["norm"]["scale"],
+           "cls.predictions.transform.LayerNorm.bias": p["lm_transform"]["norm"]["bias"],
+           "cls.predictions.bias": p["lm_bias"]}
+    for i in range(L):
+        h = f"{b}encoder.layer.{i}."
+        for x, name in (("q", "query"), ("k", "key"), ("v", "value")):
+            out[h + f"attention.self.{name}.weight"] = a[x][i].reshape(D, D).T
+            out[h + f"attention.self.{name}.bias"] = a[x + "_bias"][i].reshape(D)
+        out[h + "attention.output.dense.weight"] = a["o"][i].reshape(D, D).T
+        out[h + "attention.output.dense.bias"] = a["o_bias"][i]
+        out[h + "intermediate.dense.weight"], out[h + "intermediate.dense.bias"] = m["up"][i].T, m["up_bias"][i]
+        out[h + "output.dense.weight"], out[h + "output.dense.bias"] = m["down"][i].T, m["down_bias"][i]
+        for ours, theirs in (("attn_norm", "attention.output.LayerNorm"), ("mlp_norm", "output.LayerNorm")):
+            out[h + theirs + ".weight"] = p["layers"][ours]["scale"][i]
+            out[h + theirs + ".bias"] = p["layers"][ours]["bias"][i]
+    return out
+
+
+# Tensors a checkpoint may hold that carry no weights of ours: causal-mask and
+# position-id buffers, rotary caches, the tied output matrix, BERT's pooler (a
+# classification head this model does not have).
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "position_ids", "rotary_emb.inv_freq")
+_IGNORED_PREFIXES = ("pooler.", "bert.pooler.", "cls.seq_relationship.")
+
+
+def _ignored(name: str, cfg: ModelConfig) -> bool:
+    if name.endswith(_IGNORED_SUFFIXES) or name.startswith(_IGNORED_PREFIXES):
+        return True
+    tied_head = ("lm_head.weight", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    return cfg.tie_embeddings and name in tied_head
+
+
+# ---------------------------------------------------------------------------
+# Public API
+
+
+def load_pretrained(directory: str, *, param_dtype: str = "float32",
+                    init_missing_head: bool = False, rng_seed: int = 0) -> tuple[ModelConfig, Params]:
+    """(ModelConfig, params as numpy arrays) of a local HF directory.
+
+    Every tensor is checked against the shape its config implies; a tensor the
+    mapping does not use (other than known buffers) is an error, since it means
+    the checkpoint computes something this model would not. `param_dtype` is the
+    storage dtype of the returned params (the config's `param_dtype` too);
+    everything else about compute (dtype, remat, ...) is for the caller to set
+    with `dataclasses.replace`."""
+    hf = read_config(directory)
+    where = os.path.join(directory, CONFIG_FILE)
+    cfg = dataclasses.replace(config_from_hf(hf, where), param_dtype=param_dtype)
+    tensors = read_weights(directory)
+    if hf["model_type"] == "bert":
+        tensors = {_rename(n): a for n, a in tensors.items()}
+    family = "llama" if hf["model_type"] in ("llama", "mistral") else hf["model_type"]
+    r = _Reader(tensors, directory, {"gpt2": "transformer.", "llama": "model.", "bert": "bert."}[family])
+    if family == "gpt2":
+        params = _gpt2_from_hf(r, cfg)
+    elif family == "llama":
+        params = _llama_from_hf(r, cfg)
+    else:
+        params = _bert_from_hf(r, cfg, init_missing_head)
+        if "lm_transform" not in params:  # a fresh masked-LM head, as model.init would make it
+            params = _fresh_head(cfg, params, rng_seed)
+    unused = sorted(n for n in tensors if n not in r.used and not _ignored(n, cfg))
+    if unused:
+        raise HFError(f"{directory}: {len(unused)} tensors this llm_jax config does not use, e.g. "
+                      f"{unused[:5]}: the checkpoint's architecture differs from {family}'s")
+    dt = np.dtype(param_dtype if param_dtype != "bfloat16" else ml_dtypes.bfloat16)
+    import jax
+    return cfg, jax.tree.map(lambda a: np.asarray(a, dt), params)
+
+
+def _rename(name: str) -> str:
+    for old, new in _BERT_RENAMES:
+        name = name.replace(old, new)
+    return name
+
+
+def _fresh_head(cfg: ModelConfig, params: Params, seed: int) -> Params:
+    import jax
+    from llm_jax import model
+    fresh = model.init(dataclasses.replace(cfg, num_layers=1), jax.random.PRNGKey(seed))
+    return {**params, "lm_transform": jax.tree.map(np.asarray, fresh["lm_transform"]),
+            "lm_bias": np.asarray(fresh["lm_bias"])}
+
+
+def hf_weights(cfg: ModelConfig, params: Params) -> tuple[str, dict[str, np.ndarray]]:
+    """(family, HF tensor name -> numpy array) of llm_jax params."""
+    import jax
+    family = family_of(cfg)
+    host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+    fn = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf, "bert": _bert_to_hf}[family]
+    tensors = {n: np.ascontiguousarray(a) for n, a in fn(host, cfg).items()}
+    return family, tensors
+
+
+def save_pretrained(directory: str, cfg: ModelConfig, params: Params, tokenizer=None) -> str:
+    """Writes config.json + model.safetensors (+ the tokenizer's files, when it has
+    a `save_hf`) so that `transformers.AutoModelFor...from_pretrained(directory)`
+    loads the same model. Returns the family it was written as."""
+    family, tensors = hf_weights(cfg, params)
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(config_to_hf(cfg, family, tokenizer), f, indent=2)
+    write_safetensors(os.path.join(directory, WEIGHTS_FILE), tensors)
+    if tokenizer is not None and hasattr(tokenizer, "save_hf"):
+        tokenizer.save_hf(directory)
+    return family
+
+
+def resize_vocab(cfg: ModelConfig, params: Params, vocab_size: int) -> tuple[ModelConfig, Params]:
+    """Grows the vocabulary to `vocab_size` (a tokenizer that added tokens, e.g. the
+    SFT template's <prompt>/<response>): new embedding rows (and output columns,
+    biases) are the mean of the existing ones, so a new token starts as an average
+    token rather than noise."""
+    old = cfg.vocab_size
+    if vocab_size < old:
+        raise HFError(f"resize_vocab: cannot shrink the vocabulary from {old} to {vocab_size}")
+    if vocab_size == old:
+        return cfg, params
+    grow = vocab_size - old
+
+    def extend(a, axis):
+        a = np.asarray(a)
+        mean = a.mean(axis=axis, keepdims=True).astype(a.dtype)
+        return np.concatenate([a, np.repeat(mean, grow, axis=axis)], axis=axis)
+
+    params = dict(params, embed=extend(params["embed"], 0))
+    if "lm_head" in params:
+        params["lm_head"] = extend(params["lm_head"], 1)
+    if "lm_bias" in params:
+        params["lm_bias"] = extend(params["lm_bias"], 0)
+    return dataclasses.replace(cfg, vocab_size=vocab_size), params
+
+
+# ---------------------------------------------------------------------------
+# CLI: export a stage of a run
+
+
+def export_stage(workdir: str, stage: str, out: str, step: int | None = None) -> str:
+    """Writes the LM of `workdir/stage` (its final checkpoint, or `step`'s) as a HF
+    directory `out`, with the run's tokenizer. Returns the family written."""
+    from llm_jax.generate import load_stage
+    cfg, params, tok, _ = load_stage(workdir, stage, step, decoder_only=False)
+    return save_pretrained(out, cfg, params, tokenizer=tok)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llm_jax.hf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="write a run's stage as a Hugging Face directory")
+    ex.add_argument("--workdir", required=True)
+    ex.add_argument("--stage", required=True)
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--step", type=int, default=None)
+    args = parser.parse_args(argv)
+    from llm_jax.checkpoint import CheckpointError
+    from llm_jax.config import ConfigError
+    try:
+        family = export_stage(args.workdir, args.stage, args.out, args.step)
+    except (HFError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "family": family}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Hugging Face interop against `transformers` itself (PyTorch, random weights saved
+locally): import -> same logits, export -> transformers loads it -> same logits.
+
+The reference numbers are PyTorch's forward passes of the real HF model classes,
+an implementation independent of llm_jax. Tolerance: 1e-4 of the logits' scale
+(float32 on both sides; the ops differ in order, not in what they compute).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.torch import save_file
+
+from llm_jax import hf, model
+from llm_jax.config import ModelConfig
+from llm_jax.data import formats
+from llm_jax.data.tokenizer import HfTokenizer, TokenizerError, load_hf_tokenizer, load_tokenizer
+
+RTOL = 1e-4
+transformers.logging.set_verbosity_error()
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def torch_logits(m, tokens, **kw) -> np.ndarray:
+    with torch.no_grad():
+        return m(torch.as_tensor(np.asarray(tokens), dtype=torch.long), **kw).logits.numpy()
+
+
+def saved(m, tmp_path, name, **kw) -> str:
+    torch.manual_seed(0)
+    d = str(tmp_path / name)
+    m.eval().save_pretrained(d, **kw)
+    return d
+
+
+def randomize_norms(m, seed=0):
+    """HF initialises norm scales to 1 and biases to 0; random ones make a
+    swapped or misread norm visible in the logits."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name.lower() or name.endswith("bias") or "ln_" in name:
+                p.copy_(p + 0.1 * torch.randn(p.shape, generator=g))
+    return m
+
+
+TOKENS = np.random.default_rng(0).integers(0, 97, (2, 20))
+
+
+def gpt2_model(**kw):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  **kw)
+    return randomize_norms(transformers.GPT2LMHeadModel(cfg)).eval()
+
+
+def llama_model(tie=False, **kw):
+    torch.manual_seed(1)
+    # original_max_position_embeddings=16 puts the 8 rotary frequencies of a
+    # head of 16 in all three of Llama 3's regions (kept, blended, slowed).
+    defaults = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+                    rms_norm_eps=1e-5, rope_theta=500.0, tie_word_embeddings=tie,
+                    rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+    cfg = transformers.LlamaConfig(**{**defaults, **kw})
+    return randomize_norms(transformers.LlamaForCausalLM(cfg)).eval()
+
+
+def bert_model():
+    torch.manual_seed(2)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=32, type_vocab_size=2)
+    return randomize_norms(transformers.BertForMaskedLM(cfg)).eval()
+
+
+def ours(cfg, params, tokens, **kw):
+    return np.asarray(model.apply(cfg, jax.tree.map(jnp.asarray, params), jnp.asarray(tokens), **kw))
+
+
+# ---------------------------------------------------------------------------
+# Import: same logits as transformers
+
+
+def test_gpt2_import_matches_transformers(tmp_path):
+    m = gpt2_model()
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "gpt2"))
+    assert (cfg.positions, cfg.norm, cfg.mlp, cfg.use_bias, cfg.tie_embeddings) == (
+        "learned", "layernorm", "gelu", True, True)
+    assert rel_err(ours(cfg, params, TOKENS), torch_logits(m, TOKENS)) < RTOL
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_llama_gqa_import_matches_transformers(tmp_path, tie):
+    m = llama_model(tie=tie)
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "llama"))
+    assert (cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.rope_scaling) == (4, 2, 16, "llama3")
+    assert ("lm_head" in params) == (not tie)
+    tokens = np.random.default_rng(1).integers(0, 97, (2, 40))  # past original_max_position_embeddings
+    assert rel_err(ours(cfg, params, tokens), torch_logits(m, tokens)) < RTOL
+
+
+def test_llama3_rope_scaling_matters(tmp_path):
+    """The scaled frequencies are really used: plain RoPE misses the parity
+    tolerance by far (random small weights make attention only mildly
+    position-dependent, hence 'far' is 10x, not more)."""
+    m = llama_model()
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "llama"))
+    tokens = np.random.default_rng(1).integers(0, 97, (2, 40))
+    plain = ours(dataclasses.replace(cfg, rope_scaling="none"), params, tokens)
+    assert rel_err(plain, torch_logits(m, tokens)) > 10 * RTOL
+
+
+def test_mistral_import_matches_transformers(tmp_path):
+    torch.manual_seed(3)
+    cfg = transformers.MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=32,
+                                     sliding_window=None)
+    m = randomize_norms(transformers.MistralForCausalLM(cfg)).eval()
+    ccfg, params = hf.load_pretrained(saved(m, tmp_path, "mistral"))
+    assert rel_err(ours(ccfg, params, TOKENS), torch_logits(m, TOKENS)) < RTOL
+
+
+def test_bert_import_matches_transformers_with_padding_and_token_types(tmp_path):
+    m = bert_model()
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "bert"))
+    assert (cfg.causal, cfg.norm_position, cfg.mlp, cfg.type_vocab_size) == (False, "post", "gelu_exact", 2)
+    tokens = TOKENS[:, :16]
+    types = np.zeros_like(tokens)
+    types[:, 9:] = 1
+    mask = np.ones_like(tokens)
+    mask[1, 12:] = 0  # row 1 is padded after 12 tokens
+    want = torch_logits(m, tokens, token_type_ids=torch.as_tensor(types),
+                        attention_mask=torch.as_tensor(mask))
+    got = ours(cfg, params, tokens, token_types=jnp.asarray(types), segment_ids=jnp.asarray(mask))
+    real = mask.astype(bool)
+    assert rel_err(got[real], want[real]) < RTOL
+    # Without token types HF's BERT adds type 0 everywhere, as forward does.
+    assert rel_err(ours(cfg, params, tokens), torch_logits(m, tokens)) < RTOL
+
+
+def test_sharded_bfloat16_checkpoint(tmp_path):
+    """A sharded checkpoint (index.json) in bfloat16 reads as the same weights."""
+    m = llama_model().to(torch.bfloat16)
+    d = saved(m, tmp_path, "sharded", max_shard_size="20KB")
+    assert os.path.exists(os.path.join(d, hf.INDEX_FILE))
+    cfg, params = hf.load_pretrained(d)
+    want = m.model.layers[1].self_attn.k_proj.weight.detach().float().numpy()  # [G*H, D]
+    got = params["layers"]["attn"]["k"][1].reshape(cfg.d_model, -1).T
+    np.testing.assert_array_equal(got, want)
+    cfg16, params16 = hf.load_pretrained(d, param_dtype="bfloat16")
+    assert cfg16.param_dtype == "bfloat16" and params16["embed"].dtype == ml_dtypes.bfloat16
+
+
+def test_safetensors_reader_and_writer_agree_with_the_library(tmp_path):
+    rng = np.random.default_rng(0)
+    tensors = {"a": torch.randn(3, 5, dtype=torch.bfloat16), "b": torch.arange(7, dtype=torch.int64),
+               "c": torch.randn(2, 2, 2).half(), "d": torch.randn(4)}
+    path = str(tmp_path / "lib.safetensors")
+    save_file(tensors, path)
+    ours_read = hf.read_safetensors(path)
+    for k, v in tensors.items():
+        np.testing.assert_array_equal(np.asarray(ours_read[k], np.float64), v.double().numpy())
+    # Ours written, the library read.
+    from safetensors.numpy import load_file
+    arrays = {"x": rng.standard_normal((3, 4)).astype(np.float32), "y": np.arange(5, dtype=np.int32)}
+    hf.write_safetensors(str(tmp_path / "ours.safetensors"), arrays)
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    for k in arrays:
+        np.testing.assert_array_equal(back[k], arrays[k])
+
+
+# ---------------------------------------------------------------------------
+# Export: transformers loads what we write, with the same logits
+
+
+def reload_logits(directory, auto, tokens, **kw):
+    m = auto.from_pretrained(directory).eval()
+    return torch_logits(m, tokens, **kw)
+
+
+@pytest.mark.parametrize("maker,auto", [
+    (gpt2_model, transformers.AutoModelForCausalLM),
+    (llama_model, transformers.AutoModelForCausalLM),
+    (lambda: llama_model(tie=True, rope_scaling=None), transformers.AutoModelForCausalLM),
+    (bert_model, transformers.AutoModelForMaskedLM),
+])
+def test_import_export_round_trip(tmp_path, maker, auto):
+    m = maker()
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "in"))
+    out = str(tmp_path / "out")
+    hf.save_pretrained(out, cfg, params)
+    tokens = TOKENS[:, :16]
+    assert rel_err(reload_logits(out, auto, tokens), torch_logits(m, tokens)) < RTOL
+    cfg2, params2 = hf.load_pretrained(out)
+    assert cfg2 == cfg
+    jax.tree.map(np.testing.assert_array_equal, params2, params)
+
+
+@pytest.mark.parametrize("cfg", [
+    ModelConfig(vocab_size=101, d_model=32, num_layers=2, num_heads=4, d_ff=64, max_len=32,
+                positions="learned", norm="layernorm", mlp="gelu", use_bias=True),
+    ModelConfig(vocab_size=101, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64,
+                max_len=32, tie_embeddings=False, rope_theta=1000.0),
+], ids=["gpt2", "llama"])
+def test_export_of_llm_jax_trained_shapes(tmp_path, cfg):
+    """Params made by llm_jax (not imported) export to the family their shape is."""
+    params = model.init(cfg, jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+    out = str(tmp_path / "out")
+    family = hf.save_pretrained(out, cfg, params)
+    assert family == ("gpt2" if cfg.positions == "learned" else "llama")
+    tokens = np.random.default_rng(3).integers(0, 101, (2, 12))
+    got = reload_logits(out, transformers.AutoModelForCausalLM, tokens)
+    assert rel_err(got, ours(cfg, params, tokens)) < RTOL
+
+
+def test_export_refuses_a_model_no_family_has(tmp_path):
+    cfg = ModelConfig(positions="sinusoidal")  # no HF family uses sinusoidal positions
+    params = model.init(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(hf.HFError, match="positions='sinusoidal'"):
+        hf.save_pretrained(str(tmp_path / "x"), cfg, params)
+
+
+def test_resize_vocab_keeps_old_logits(tmp_path):
+    m = gpt2_model()
+    cfg, params = hf.load_pretrained(saved(m, tmp_path, "gpt2"))
+    big_cfg, big = hf.resize_vocab(cfg, params, cfg.vocab_size + 2)
+    got = ours(big_cfg, big, TOKENS)
+    assert got.shape[-1] == 99
+    assert rel_err(got[..., :97], torch_logits(m, TOKENS)) < RTOL
+    np.testing.assert_allclose(big["embed"][97], params["embed"].mean(0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: clear errors naming the file and the setting
+
+
+def test_refuses_pickle_and_names_it(tmp_path):
+    d = tmp_path / "pickled"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(gpt2_model().config.to_dict()))
+    (d / "pytorch_model.bin").write_bytes(b"not read")
+    with pytest.raises(hf.HFError, match="pickle files are never loaded"):
+        hf.load_pretrained(str(d))
+
+
+def test_unsupported_settings_are_named(tmp_path):
+    d = saved(gpt2_model(scale_attn_by_inverse_layer_idx=True), tmp_path, "g")
+    with pytest.raises(hf.HFError, match="scale_attn_by_inverse_layer_idx=True"):
+        hf.load_pretrained(d)
+    hfcfg = hf.read_config(saved(llama_model(), tmp_path, "l"))
+    with pytest.raises(hf.HFError, match="sliding_window=8"):
+        hf.config_from_hf({**hfcfg, "model_type": "mistral", "sliding_window": 8})
+    with pytest.raises(hf.HFError, match="'yarn'"):
+        hf.config_from_hf({**hfcfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1.0}})
+    with pytest.raises(hf.HFError, match="model_type='t5'"):
+        hf.config_from_hf({"model_type": "t5"})
+    with pytest.raises(hf.HFError, match="no config.json"):
+        hf.load_pretrained(str(tmp_path))
+
+
+def test_wrong_shape_and_extra_tensors_are_named(tmp_path):
+    d = saved(llama_model(), tmp_path, "l")
+    tensors = {k: np.array(v) for k, v in hf.read_safetensors(os.path.join(d, hf.WEIGHTS_FILE)).items()}
+    bad = dict(tensors)
+    bad["model.layers.1.mlp.up_proj.weight"] = np.zeros((5, 64), np.float32)
+    hf.write_safetensors(os.path.join(d, hf.WEIGHTS_FILE), bad)
+    with pytest.raises(hf.HFError, match=r"model.layers.1.mlp.up_proj.weight has shape \(5, 64\)"):
+        hf.load_pretrained(d)
+    extra = dict(tensors, **{"model.layers.0.self_attn.q_norm.weight": np.ones(16, np.float32)})
+    hf.write_safetensors(os.path.join(d, hf.WEIGHTS_FILE), extra)
+    with pytest.raises(hf.HFError, match="q_norm"):
+        hf.load_pretrained(d)
+    del tensors["model.norm.weight"]
+    hf.write_safetensors(os.path.join(d, hf.WEIGHTS_FILE), tensors)
+    with pytest.raises(hf.HFError, match="tensor norm.weight is missing"):
+        hf.load_pretrained(d)
+
+
+def test_bert_without_mlm_head(tmp_path):
+    torch.manual_seed(0)
+    m = transformers.BertModel(bert_model().config).eval()
+    d = saved(m, tmp_path, "bertmodel")
+    with pytest.raises(hf.HFError, match="init_missing_head=True"):
+        hf.load_pretrained(d)
+    cfg, params = hf.load_pretrained(d, init_missing_head=True)
+    with torch.no_grad():
+        want = m(torch.as_tensor(TOKENS[:, :16])).last_hidden_state.numpy()
+    got = model.forward(cfg, jax.tree.map(jnp.asarray, params), jnp.asarray(TOKENS[:, :16]))
+    assert rel_err(got, want) < RTOL
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: a HF tokenizer.json as the run's tokenizer
+
+
+def hf_tokenizer_dir(tmp_path) -> tuple[str, transformers.PreTrainedTokenizerFast]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|pad|>", "<|begin|>", "<|end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["Translate Blume from German to English.", "flower", "Hund -> dog"] * 20,
+                            trainer=trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin|>",
+                                                eos_token="<|end|>", pad_token="<|pad|>")
+    d = str(tmp_path / "tok")
+    fast.save_pretrained(d)
+    return d, fast
+
+
+def test_hf_tokenizer_encodes_like_transformers_and_round_trips(tmp_path):
+    d, fast = hf_tokenizer_dir(tmp_path)
+    tok = load_hf_tokenizer(d)
+    text = "Translate Blume from German to English."
+    assert tok.encode(text) == fast(text, add_special_tokens=False)["input_ids"]
+    assert (tok.pad_id, tok.bos_id, tok.eos_id, tok.mask_id) == (0, 1, 2, None)
+    # The template markers are added after the HF vocabulary.
+    assert (tok.prompt_id, tok.response_id) == (fast.vocab_size, fast.vocab_size + 1)
+    assert tok.vocab_size == fast.vocab_size + 2
+    ids = formats.prompt_tokens(tok, text)
+    assert ids[:2] == [1, tok.prompt_id] and ids[-1] == tok.response_id
+    assert tok.decode(ids) == text
+    tok.save(str(tmp_path / "run_tok"))
+    again = load_tokenizer(str(tmp_path / "run_tok"))
+    assert isinstance(again, HfTokenizer) and again.encode(text) == tok.encode(text)
+    assert (again.prompt_id, again.vocab_size) == (tok.prompt_id, tok.vocab_size)
+    # save_hf writes what AutoTokenizer reads back, markers included.
+    tok.save_hf(str(tmp_path / "export"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    assert auto.convert_tokens_to_ids("<response>") == tok.response_id
+    assert auto(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
+
+
+def test_hf_tokenizer_errors(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        load_hf_tokenizer(str(tmp_path))
+    d, _ = hf_tokenizer_dir(tmp_path)
+    config = json.load(open(os.path.join(d, "tokenizer_config.json")))
+    for k in ("bos_token", "eos_token", "pad_token"):
+        config.pop(k, None)
+    json.dump(config, open(os.path.join(d, "tokenizer_config.json"), "w"))
+    if os.path.exists(os.path.join(d, "special_tokens_map.json")):
+        os.remove(os.path.join(d, "special_tokens_map.json"))
+    with pytest.raises(TokenizerError, match="no bos token"):
+        load_hf_tokenizer(d)
