@@ -360,3 +360,41 @@ def test_hf_tokenizer_errors(tmp_path):
         os.remove(os.path.join(d, "special_tokens_map.json"))
     with pytest.raises(TokenizerError, match="no bos token"):
         load_hf_tokenizer(d)
+
+
+# ---------------------------------------------------------------------------
+# Export CLI: a stage of a run directory
+
+
+def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
+    from test_generate_cli import CFG, PARAMS, save_stage
+    from llm_jax.data.tokenizer import train_bpe
+
+    workdir = str(tmp_path / "run")
+    head = {"kernel": jnp.ones((CFG.d_model,)), "bias": jnp.zeros(())}
+    save_stage(workdir, "sft", PARAMS)
+    save_stage(workdir, "ppo", {"policy": PARAMS, "value": {"model": PARAMS, "head": head}})
+    save_stage(workdir, "rm", {"model": PARAMS, "head": head})
+    tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10))
+    want = ours(CFG, PARAMS, tokens)
+    for stage in ("sft", "ppo"):
+        out = str(tmp_path / f"hf_{stage}")
+        assert hf.main(["export", "--workdir", workdir, "--stage", stage, "--out", out]) == 0
+        assert json.loads(capsys.readouterr().out)["family"] == "llama"
+        assert rel_err(reload_logits(out, transformers.AutoModelForCausalLM, tokens), want) < RTOL
+    assert hf.main(["export", "--workdir", workdir, "--stage", "rm", "--out", str(tmp_path / "x")]) == 2
+    assert "scalar model" in capsys.readouterr().err
+    assert hf.main(["export", "--workdir", workdir, "--stage", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "stages in" in capsys.readouterr().err
+    # A BPE run tokenizer goes along, loadable by AutoTokenizer with the same ids.
+    bpe = train_bpe(["Translate Blume from German to English.", "flower"] * 10, 300)
+    bpe.save(os.path.join(workdir, "tokenizer"))
+    big = dataclasses.replace(CFG, vocab_size=300)
+    save_stage(workdir, "big", model.init(big, jax.random.PRNGKey(2)), cfg=big)
+    bpe.save(os.path.join(workdir, "tokenizer"))  # save_stage wrote the byte tokenizer over it
+    out = str(tmp_path / "hf_big")
+    assert hf.main(["export", "--workdir", workdir, "--stage", "big", "--out", out]) == 0
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Translate Blume"
+    assert auto(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
+    assert auto.eos_token_id == bpe.eos_id

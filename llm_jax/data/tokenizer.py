@@ -97,6 +97,10 @@ class BpeTokenizer(_Specials):
         self._write_meta(directory)
         self._tok.save(os.path.join(directory, "tokenizer.json"))
 
+    def save_hf(self, directory: str) -> None:
+        """The files `transformers.AutoTokenizer` loads (for `llm_jax.hf` export)."""
+        _save_hf_files(self._tok, directory, {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "mask": "<mask>"})
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> BpeTokenizer:
     """Trains a byte-level BPE on `texts` (the run's own corpus).
@@ -214,13 +218,17 @@ class HfTokenizer:
 
     def save_hf(self, directory: str) -> None:
         """tokenizer.json + tokenizer_config.json as `transformers.AutoTokenizer` reads them."""
-        os.makedirs(directory, exist_ok=True)
-        self._tok.save(os.path.join(directory, "tokenizer.json"))
-        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30),
-                  **{f"{role}_token": self.tokens[role] for role in ("bos", "eos", "pad", "mask")
-                     if self.tokens.get(role) is not None}}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+        _save_hf_files(self._tok, directory, self.tokens)
+
+
+def _save_hf_files(tok, directory: str, tokens: dict[str, str | None]) -> None:
+    os.makedirs(directory, exist_ok=True)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": int(1e30),
+              **{f"{role}_token": tokens[role] for role in ("bos", "eos", "pad", "mask")
+                 if tokens.get(role) is not None}}
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 def _token_text(value) -> str | None:
