@@ -20,6 +20,13 @@ policy trains). Evaluation: held-out response loss for SFT (`sft_eval`),
 held-out preference accuracy of DPO's implicit reward (`dpo_eval`). Rerun to
 resume.
 
+LoRA (`--set lora.rank=8 --set lora.targets='["q","v"]'`, see llm_jax/lora.py):
+both stages train only low-rank adapters on a frozen base. SFT adapts the
+initial weights; DPO starts from the merged SFT weights with fresh adapters,
+and those merged weights are also its frozen reference (one copy). Each
+stage's checkpoints then hold only its adapters and their optimizer state, and
+eval.json records the adapter count next to the model's.
+
 On a GPU/TPU host (one process per host; see docs/tpu.md for pods), with a
 local or mounted run directory (the reference cache is plain files):
     python -m experiments.llama_sft_dpo --workdir /data/runs/llama \\
@@ -37,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from experiments.pipeline import DPOStage, SFTStage
-from llm_jax import checkpoint, launch, loop, model, sharding, train
+from llm_jax import checkpoint, launch, lora, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.records import check_record
@@ -65,6 +72,7 @@ class Config:
     sft_eval: str = ""  # jsonl:PATH of held-out SFT records (response loss before/after)
     dpo_eval: str = ""  # jsonl:PATH of held-out preference pairs (implicit-reward accuracy)
     eval_batches: int = 16
+    lora: lora.LoRAConfig = lora.LoRAConfig()  # rank > 0: SFT and DPO train adapters only
 
 
 def record_texts(source: str, kind: str, data: DataConfig, count: int) -> list[str]:
@@ -104,8 +112,33 @@ def stage_start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]
     done = runner.finished(stage_dir, getattr(cfg, name).train.steps)
     if done is None:
         write_json(os.path.join(stage_dir, "config.json"), {"model": to_dict(cfg.model),
+                                                           "lora": to_dict(cfg.lora),
                                                            **to_dict(getattr(cfg, name))})
     return stage_dir, done
+
+
+def sft_init(cfg: Config, like, mesh):
+    """The weights SFT starts from: `init_from`'s, or random ones (the same for the
+    same seed, so a LoRA SFT's base can be rebuilt for the hand-off to DPO)."""
+    if cfg.init_from:
+        return checkpoint.load_params(os.path.join(cfg.init_from, "checkpoints"), like)
+    return jax.jit(lambda r: model.init(cfg.model, r), out_shardings=jax.tree.map(
+        lambda x: x.sharding, like))(jax.random.PRNGKey(cfg.sft.train.seed))
+
+
+def sft_final(workdir: str, cfg: Config, like, mesh):
+    """The SFT model's full weights: its checkpoint, or with LoRA its adapters merged
+    into the weights SFT started from."""
+    if not cfg.lora.enabled:
+        return runner.stage_params(workdir, "sft", like)
+    return lora.load_merged(os.path.join(workdir, "sft", "checkpoints"), sft_init(cfg, like, mesh), cfg.lora,
+                            cfg.model, mesh)
+
+
+def adapter_state(cfg: Config, tx, mesh, seed: int):
+    """A fresh train state whose params are new adapters (LoRA): the optimizer covers only them."""
+    adapters = lora.init_adapters(cfg.lora, cfg.model, jax.random.PRNGKey(seed))
+    return train.state_from_params(adapters, tx, mesh, seed)
 
 
 def train_stage(stage_dir, state, shardings, loss_fn, normalizer_fn, tx, schedule, loader, mesh, tr,
@@ -158,6 +191,7 @@ def main(argv=None) -> int:
     workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
     launch.initialize()
     cfg.model.validate()
+    cfg.lora.validate(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_model_fits_mesh(cfg.model, mesh)
     for name in ("sft", "dpo"):
@@ -181,29 +215,34 @@ def main(argv=None) -> int:
     # SFT
     stage_dir, done = stage_start(workdir, "sft", cfg)
     if done is None:
-        if cfg.init_from:
-            init = checkpoint.load_params(os.path.join(cfg.init_from, "checkpoints"), like)
-        else:
+        if not cfg.init_from:
             say("init_from is empty: SFT starts from random weights (a smoke test, not real use)")
-            init = jax.jit(lambda r: model.init(cfg.model, r), out_shardings=jax.tree.map(
-                lambda x: x.sharding, like))(jax.random.PRNGKey(cfg.sft.train.seed))
+        init = sft_init(cfg, like, mesh)
         before = sft_heldout_loss(cfg, init, tok, mesh)
         tx, schedule = train.make_optimizer(cfg.sft.optim, cfg.sft.train.steps)
-        state, shardings = train.state_from_params(init, tx, mesh, cfg.sft.train.seed)
-        kl_ref = init if cfg.sft.kl_coef > 0 else None
-        if kl_ref is None:
+        loss_fn = sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef)
+        if cfg.lora.enabled:  # train adapters; the frozen init is also the KL reference
+            state, shardings = adapter_state(cfg, tx, mesh, cfg.sft.train.seed)
+            loss_fn = lora.lora_loss_fn(loss_fn, cfg.lora, base_as_reference=cfg.sft.kl_coef > 0)
+            frozen = init
+        else:
+            state, shardings = train.state_from_params(init, tx, mesh, cfg.sft.train.seed)
+            frozen = init if cfg.sft.kl_coef > 0 else None
             del init
         loader = loader_for(cfg.sft.data, cfg.sft.train, tok)
-        state, summary = train_stage(stage_dir, state, shardings, sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef),
-                                     sft.weight_sum, tx, schedule, loader, mesh, cfg.sft.train, frozen=kl_ref)
+        state, summary = train_stage(stage_dir, state, shardings, loss_fn, sft.weight_sum, tx, schedule, loader,
+                                     mesh, cfg.sft.train, frozen=frozen)
         if not summary["finished"]:
             return 0
+        final = lora.merge(frozen, state.params, cfg.lora) if cfg.lora.enabled else state.params
         done = {"steps": cfg.sft.train.steps, "train_seconds": summary["seconds"],
                 "heldout_response_loss_before": before,
-                "heldout_response_loss_after": sft_heldout_loss(cfg, state.params, tok, mesh),
+                "heldout_response_loss_after": sft_heldout_loss(cfg, final, tok, mesh),
                 "data": loader.stats}
+        if cfg.lora.enabled:
+            done["lora"] = lora.summary(cfg.lora, state.params, frozen)
         runner.record(stage_dir, done)
-        del state
+        del state, final, frozen
     say(f"sft: held-out response loss {done['heldout_response_loss_before']} -> "
         f"{done['heldout_response_loss_after']}")
 
@@ -211,26 +250,38 @@ def main(argv=None) -> int:
     stage_dir, done = stage_start(workdir, "dpo", cfg)
     if done is None:
         d = cfg.dpo
-        reference = runner.stage_params(workdir, "sft", like)
+        reference = sft_final(workdir, cfg, like, mesh)
         cache_dir = os.path.join(stage_dir, "reference")
         dpo.build_reference_cache(cfg.model, reference, loader_for(d.data, d.train, tok), d.train.steps,
                                   cache_dir, mesh, reference=f"{workdir}/sft", progress=say)
         before = dpo_heldout_accuracy(cfg, reference, reference, tok, mesh)
-        del reference  # the policy trains without the reference in memory
         tx, schedule = train.make_optimizer(d.optim, d.train.steps)
-        state, shardings = train.state_from_params(runner.stage_params(workdir, "sft", like), tx, mesh,
-                                                   d.train.seed)
         loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta,
                                   label_smoothing=d.label_smoothing, loss=d.loss)
+        if cfg.lora.enabled:
+            # Policy = reference + fresh adapters; the reference stays as the frozen base
+            # (one copy) and its log-probs come from the cache just built from it.
+            state, shardings = adapter_state(cfg, tx, mesh, d.train.seed)
+            loss_fn, frozen = lora.lora_loss_fn(loss_fn, cfg.lora), reference
+        else:
+            del reference  # the policy trains without the reference in memory
+            state, shardings = train.state_from_params(sft_final(workdir, cfg, like, mesh), tx, mesh,
+                                                       d.train.seed)
+            frozen = None
         loader = dpo.CachedReferenceLoader(loader_for(d.data, d.train, tok), cache_dir)
         state, summary = train_stage(stage_dir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
-                                     loader, mesh, d.train)
+                                     loader, mesh, d.train, frozen=frozen)
         if not summary["finished"]:
             return 0
-        after = (dpo_heldout_accuracy(cfg, state.params, runner.stage_params(workdir, "sft", like), tok, mesh)
-                 if cfg.dpo_eval else None)
+        after = None
+        if cfg.dpo_eval:
+            reference = frozen if cfg.lora.enabled else sft_final(workdir, cfg, like, mesh)
+            policy = lora.merge(reference, state.params, cfg.lora) if cfg.lora.enabled else state.params
+            after = dpo_heldout_accuracy(cfg, policy, reference, tok, mesh)
         done = {"steps": d.train.steps, "train_seconds": summary["seconds"],
                 "heldout_pair_accuracy_before": before, "heldout_pair_accuracy_after": after}
+        if cfg.lora.enabled:
+            done["lora"] = lora.summary(cfg.lora, state.params, frozen)
         runner.record(stage_dir, done)
     say(f"dpo: held-out implicit-reward accuracy {done['heldout_pair_accuracy_before']} -> "
         f"{done['heldout_pair_accuracy_after']}")
