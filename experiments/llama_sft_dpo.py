@@ -2,16 +2,24 @@
 
     python -m experiments.llama_sft_dpo --workdir runs/llama \\
         --set sft.data.source=jsonl:data/sft.jsonl --set dpo.data.source=jsonl:data/prefs.jsonl \\
-        [--set init_from=runs/base/pretrain] [--set sft_eval=jsonl:data/sft_eval.jsonl] \\
-        [--set dpo_eval=jsonl:data/prefs_eval.jsonl] [--set model.dtype=bfloat16 ...]
+        [--set init_from=runs/base/pretrain | --set init_from=hf:path/to/Llama-3.2-1B] \\
+        [--set sft_eval=jsonl:data/sft_eval.jsonl] [--set dpo_eval=jsonl:data/prefs_eval.jsonl] \\
+        [--set export_dir=out/hf_model] [--set model.dtype=bfloat16 ...]
 
 Records: SFT lines `{"prompt", "response"}`, preference lines `{"prompt",
 "chosen", "rejected"}`; a bad line is skipped and counted with its line number.
 The model is `preset("llama")` (a Llama-3.2-1B shape: RoPE, RMSNorm, SwiGLU,
 grouped-query attention) unless overridden. `init_from` names a stage directory
 of an earlier llm_jax run (its `checkpoints/` and the run's `tokenizer/` are
-used); without it the model starts from random weights and a byte-level BPE is
-trained on the JSONL texts - fine for a smoke test, not for real use.
+used), or `hf:DIR` a local Hugging Face directory (config.json, safetensors and
+tokenizer.json; Llama, Mistral or GPT-2): the architecture then comes from
+DIR/config.json, only how to compute (model.dtype, param_dtype, remat,
+scan_layers, attention_impl, dropout) from this config, and the vocabulary
+grows by the SFT template's <prompt>/<response> tokens when the tokenizer lacks
+them. Without init_from the model starts from random weights and a byte-level
+BPE is trained on the JSONL texts - fine for a smoke test, not for real use.
+`export_dir` writes the final DPO policy (LoRA merged) as a Hugging Face
+directory with the tokenizer, loadable by `transformers`.
 
 Stages: `sft` (completion-only loss, optional KL to the initial model), then
 `dpo` from the SFT weights with the SFT model as reference (its log-probs are
@@ -44,12 +52,13 @@ import jax
 import jax.numpy as jnp
 
 from experiments.pipeline import DPOStage, SFTStage
-from llm_jax import checkpoint, launch, lora, loop, model, sharding, train
+from llm_jax import checkpoint, hf, launch, lora, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
-from llm_jax.data.tokenizer import TokenizerError, check_vocab_fits, load_tokenizer, train_bpe
+from llm_jax.data.tokenizer import (TokenizerError, check_vocab_fits, load_hf_tokenizer, load_tokenizer,
+                                    train_bpe)
 from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
 from llm_jax.stages import dpo, reward, runner, sft
 
@@ -73,6 +82,27 @@ class Config:
     dpo_eval: str = ""  # jsonl:PATH of held-out preference pairs (implicit-reward accuracy)
     eval_batches: int = 16
     lora: lora.LoRAConfig = lora.LoRAConfig()  # rank > 0: SFT and DPO train adapters only
+    export_dir: str = ""  # a Hugging Face directory for the final DPO policy
+
+
+# With init_from=hf:DIR these model.* fields (how to compute) are kept from this
+# config; every other one (what the model is) comes from DIR/config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
+
+
+def hf_source(cfg: Config) -> str | None:
+    """DIR of init_from=hf:DIR, else None."""
+    return cfg.init_from[len("hf:"):] if cfg.init_from.startswith("hf:") else None
+
+
+def with_hf_model(cfg: Config, tok) -> Config:
+    """cfg whose model is the HF checkpoint's architecture with this config's runtime
+    fields, its vocabulary grown to the tokenizer's (the template markers)."""
+    directory = hf_source(cfg)
+    arch = hf.config_from_hf(hf.read_config(directory), os.path.join(directory, hf.CONFIG_FILE))
+    runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        arch, vocab_size=max(arch.vocab_size, tok.vocab_size), **runtime).validate())
 
 
 def record_texts(source: str, kind: str, data: DataConfig, count: int) -> list[str]:
@@ -88,7 +118,13 @@ def record_texts(source: str, kind: str, data: DataConfig, count: int) -> list[s
 
 
 def run_tokenizer(workdir: str, cfg: Config):
-    """The init run's tokenizer, this run's saved one, or a BPE trained on the JSONL texts."""
+    """This run's saved tokenizer, the HF checkpoint's, the init run's, or a BPE
+    trained on the JSONL texts."""
+    if hf_source(cfg):
+        saved = os.path.join(workdir, "tokenizer")
+        if os.path.exists(os.path.join(saved, "meta.json")):
+            return load_tokenizer(saved)
+        return load_hf_tokenizer(hf_source(cfg))
     for directory in ([os.path.join(os.path.dirname(os.path.abspath(cfg.init_from)), "tokenizer")]
                       if cfg.init_from else []) + [os.path.join(workdir, "tokenizer")]:
         if os.path.exists(os.path.join(directory, "meta.json")):
@@ -120,6 +156,10 @@ def stage_start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]
 def sft_init(cfg: Config, like, mesh):
     """The weights SFT starts from: `init_from`'s, or random ones (the same for the
     same seed, so a LoRA SFT's base can be rebuilt for the hand-off to DPO)."""
+    if hf_source(cfg):
+        arch, params = hf.load_pretrained(hf_source(cfg), param_dtype=cfg.model.param_dtype)
+        _, params = hf.resize_vocab(arch, params, cfg.model.vocab_size)
+        return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
     if cfg.init_from:
         return checkpoint.load_params(os.path.join(cfg.init_from, "checkpoints"), like)
     return jax.jit(lambda r: model.init(cfg.model, r), out_shardings=jax.tree.map(
@@ -133,6 +173,14 @@ def sft_final(workdir: str, cfg: Config, like, mesh):
         return runner.stage_params(workdir, "sft", like)
     return lora.load_merged(os.path.join(workdir, "sft", "checkpoints"), sft_init(cfg, like, mesh), cfg.lora,
                             cfg.model, mesh)
+
+
+def dpo_final(workdir: str, cfg: Config, like, mesh):
+    """The DPO policy's full weights (LoRA: its adapters merged into the SFT model)."""
+    if not cfg.lora.enabled:
+        return runner.stage_params(workdir, "dpo", like)
+    return lora.load_merged(os.path.join(workdir, "dpo", "checkpoints"), sft_final(workdir, cfg, like, mesh),
+                            cfg.lora, cfg.model, mesh)
 
 
 def adapter_state(cfg: Config, tx, mesh, seed: int):
@@ -190,6 +238,10 @@ def dpo_heldout_accuracy(cfg: Config, policy, reference, tok, mesh) -> float | N
 def main(argv=None) -> int:
     workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
     launch.initialize()
+    tok = None
+    if hf_source(cfg):  # the architecture is the checkpoint's, known before any check
+        tok = run_tokenizer(workdir, cfg)
+        cfg = with_hf_model(cfg, tok)
     cfg.model.validate()
     cfg.lora.validate(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
@@ -203,7 +255,7 @@ def main(argv=None) -> int:
         raise ConfigError(f"dpo.loss={cfg.dpo.loss!r}: expected 'dpo' or 'ipo'")
     os.makedirs(workdir, exist_ok=True)
     try:
-        tok = run_tokenizer(workdir, cfg)
+        tok = tok or run_tokenizer(workdir, cfg)
         check_vocab_fits(tok, cfg.model.vocab_size)
     except TokenizerError as e:
         raise ConfigError(str(e)) from None
@@ -285,6 +337,11 @@ def main(argv=None) -> int:
         runner.record(stage_dir, done)
     say(f"dpo: held-out implicit-reward accuracy {done['heldout_pair_accuracy_before']} -> "
         f"{done['heldout_pair_accuracy_after']}")
+    if cfg.export_dir:
+        policy = runner.host_params(dpo_final(workdir, cfg, like, mesh))
+        if is_primary():
+            family = hf.save_pretrained(cfg.export_dir, cfg.model, policy, tokenizer=tok)
+            say(f"export: the DPO policy as a Hugging Face {family} model in {cfg.export_dir}")
     return 0
 
 

@@ -100,11 +100,13 @@ def run_main(main) -> int:
     from llm_jax.checkpoint import CheckpointError
     from llm_jax.config import ConfigError
     from llm_jax.data.errors import DataError
+    from llm_jax.data.tokenizer import TokenizerError
+    from llm_jax.hf import HFError
     from llm_jax.loop import TrainingDiverged
     from llm_jax.sharding import MeshError
     try:
         return main()
-    except (ConfigError, MeshError, CheckpointError, DataError, TrainingDiverged) as e:
+    except (ConfigError, MeshError, CheckpointError, DataError, TokenizerError, HFError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -398,3 +398,59 @@ def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
     text = "Translate Blume"
     assert auto(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
     assert auto.eos_token_id == bpe.eos_id
+
+
+# ---------------------------------------------------------------------------
+# The whole path from a HF checkpoint: experiments.llama_sft_dpo with init_from=hf:
+
+
+def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, capsys):
+    import random
+
+    from test_experiment_llama import write_jsonl
+
+    from experiments import llama_sft_dpo
+    from llm_jax.data import builtin, preferences
+
+    m = llama_model(tie=False, vocab_size=300, rope_scaling=None)
+    d = saved(m, tmp_path, "base")
+    tok_dir, fast = hf_tokenizer_dir(tmp_path)
+    for name in os.listdir(tok_dir):  # one HF directory: weights and tokenizer
+        os.replace(os.path.join(tok_dir, name), os.path.join(d, name))
+    assert fast.vocab_size <= 300
+    rng = random.Random(0)
+    sft_rows = [{k: builtin.sft_record(rng, "train")[k] for k in ("prompt", "response")} for _ in range(24)]
+    pref_rows = [{k: v for k, v in preferences.preference_record(rng, "train").items()
+                  if k in ("prompt", "chosen", "rejected")} for _ in range(24)]
+    write_jsonl(str(tmp_path / "sft.jsonl"), sft_rows)
+    write_jsonl(str(tmp_path / "prefs.jsonl"), pref_rows)
+    out = str(tmp_path / "exported")
+    sets = [f"init_from=hf:{d}", "lora.rank=2", 'lora.targets=["q","v"]', f"export_dir={out}",
+            "model.max_len=64",  # ignored: the architecture is the checkpoint's
+            f"sft.data.source=jsonl:{tmp_path / 'sft.jsonl'}", f"dpo.data.source=jsonl:{tmp_path / 'prefs.jsonl'}",
+            "sft.optim.lr=1e-2", "sft.optim.warmup_steps=0", "dpo.optim.lr=1e-2", "dpo.optim.warmup_steps=0",
+            "sft.train.steps=2", "sft.train.batch_size=8", "sft.train.seq_len=64", "sft.data.max_segments=4",
+            "dpo.train.steps=1", "dpo.train.batch_size=8", "dpo.train.seq_len=64", "dpo.data.max_segments=4",
+            f"sft.data.cache_dir={tmp_path / 'cache'}", f"dpo.data.cache_dir={tmp_path / 'cache'}"]
+    workdir = str(tmp_path / "run")
+    argv = ["--workdir", workdir] + [x for s in sets for x in ("--set", s)]
+    assert llama_sft_dpo.main(argv) == 0
+    run = json.load(open(os.path.join(workdir, "run.json")))
+    vocab = len(fast) + 2  # the tokenizer lacked <prompt>/<response>: two rows more
+    assert vocab > 300 and run["config"]["model"]["d_model"] == 64
+    assert run["config"]["model"]["vocab_size"] == vocab
+    # The export loads in transformers; only the adapted projections moved, the
+    # embeddings and output matrix only by their two new rows.
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    before, after = m.state_dict(), exported.state_dict()
+    assert after["model.embed_tokens.weight"].shape[0] == after["lm_head.weight"].shape[0] == vocab
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k][:before[k].shape[0]]))
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
+    auto = transformers.AutoTokenizer.from_pretrained(out)
+    text = "Translate Blume from German to English."
+    assert auto(text, add_special_tokens=False)["input_ids"] == fast(text, add_special_tokens=False)["input_ids"]
+    # A mistake in the HF directory stops at once, naming it.
+    os.remove(os.path.join(d, "config.json"))
+    from llm_jax.rundir import run_main
+    assert run_main(lambda: llama_sft_dpo.main(["--workdir", str(tmp_path / "run2")] + argv[2:])) == 2
+    assert "no config.json" in capsys.readouterr().err
