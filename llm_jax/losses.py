@@ -600,6 +600,37 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
     return rewards + jnp.where(is_last, _float(scores)[..., None], 0.0)
 
 
+# ---------------------------------------------------------------------------
+# Sequence classification (one label per sequence).
+# ---------------------------------------------------------------------------
+
+
+def classification_loss(logits, labels, weights=None, normalizer=None):
+    """Cross-entropy of class logits against integer labels (seed 003).
+
+        L = -sum_b w_b * log softmax(logits_b)_{y_b} / normalizer   (default sum_b w_b)
+
+    `logits` are a head's outputs `W h(x) + b` on a pooled or last-token
+    representation h(x); the log-softmax runs in float32 (log-sum-exp, stable
+    for large logits). A label outside [0, C) picks no class (its term is
+    meaningless): mask such rows with weight 0.
+
+    Args:
+        logits: [B, C] class scores (any float dtype).
+        labels: [B] int class indices y_b in [0, C).
+        weights: optional [B] weights, e.g. 0 for the empty slots of a packed
+            batch; default all ones.
+        normalizer: optional scalar denominator, e.g. the global count of real
+            sequences; default the weights' sum (B when `weights` is None).
+
+    Returns:
+        A float32 scalar.
+    """
+    logp = jax.nn.log_softmax(_float(logits), axis=-1)  # [B, C]
+    picked = jnp.take_along_axis(logp, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)
+    return masked_mean(-picked[..., 0], weights, normalizer)
+
+
 LOSSES = {
     "clm": clm_loss,
     "mlm": mlm_loss,
@@ -609,4 +640,5 @@ LOSSES = {
     "ipo": ipo_loss,
     "ppo_policy": ppo_policy_loss,
     "ppo_value": ppo_value_loss,
+    "classification": classification_loss,
 }

@@ -719,6 +719,7 @@ def test_losses_registry():
         "ipo": losses.ipo_loss,
         "ppo_policy": losses.ppo_policy_loss,
         "ppo_value": losses.ppo_value_loss,
+        "classification": losses.classification_loss,
     }
 
 

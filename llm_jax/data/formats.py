@@ -4,8 +4,9 @@ An example is `(tokens [n], weights [n])`: `weights[i]` is the loss weight of
 predicting `tokens[i]` from `tokens[:i]` (so `weights[0]` is always 0). After
 packing, `inputs = tokens[:-1]`, `targets = tokens[1:]`, `weights[1:]`.
 
-    pretrain:     [bos] text [eos]                                   weight 1 on every target
-    sft / pairs:  [bos, prompt] prompt [response] response [eos]     weight 1 on response + eos
+    pretrain:        [bos] text [eos]                                weight 1 on every target
+    sft / pairs:     [bos, prompt] prompt [response] response [eos]  weight 1 on response + eos
+    classification:  [bos] text [eos]   (one example; the label travels beside it, see `loader`)
 
 (`[prompt]`/`[response]` are the special ids 4/5.) The `[response]` marker
 itself carries no loss: it is part of the prompt, appended by the caller at
@@ -19,6 +20,8 @@ Records longer than the context (`seq_len + 1` tokens, since a row of
   response token is dropped ("prompt does not fit the context");
 * otherwise the response (each of chosen/rejected) is truncated, losing its
   eos; such records are counted as "truncated".
+* classification text is cut to its first `seq_len + 1` tokens (counted as
+  "truncated"): a label belongs to the whole text, so chunks would each need it.
 """
 
 from __future__ import annotations
@@ -61,10 +64,13 @@ def sft_example(tok, prompt: str, response: str, seq_len: int,
 def to_examples(record: dict, kind: str, tok, seq_len: int) -> tuple[list, int] | str:
     """A checked record -> (examples, truncations) or the reason it is dropped.
 
-    pretrain and sft give a list of `Example`; preferences give a list with one
+    pretrain, sft and classification give a list of `Example`; preferences give a list with one
     `(chosen Example, rejected Example)` pair."""
     if kind == "pretrain":
         return pretrain_examples(tok, record["text"], seq_len)
+    if kind == "classification":
+        ids = [tok.bos_id, *tok.encode(record["text"]), tok.eos_id]
+        return [_example(ids[:seq_len + 1], 1)], int(len(ids) > seq_len + 1)
     if kind == "sft":
         out = sft_example(tok, record["prompt"], record["response"], seq_len)
         return out if isinstance(out, str) else ([out[0]], int(out[1]))

@@ -23,6 +23,14 @@ Batches:
     pretrain / sft:  inputs, targets, weights, positions, segment_ids     [rows, seq_len]
     preferences:     chosen_{same five}, rejected_{same five}             [rows, seq_len]
                      pair_mask                                            [rows, max_segments]
+    classification:  the five of pretrain                                 [rows, seq_len]
+                     labels (int32), label_mask                           [rows, max_segments]
+
+In a classification batch `labels[r, s]` is the class of the sequence with
+segment id s + 1 in row r, and `label_mask[r, s]` marks the sequences that
+exist. With `num_classes` set, a label >= num_classes stops the run with a
+DataError naming the record's file:line: it means the data has more classes
+than the head, which skipping would hide by dropping a whole class.
 """
 
 from __future__ import annotations
@@ -60,11 +68,14 @@ class DataConfig:
     num_epochs: int | None = None  # None: endless; 1: one pass (evaluation), last batch padded
     download: bool = False  # tfds: download and prepare when not found in data_dir
     pack_lookahead: int = 16  # examples that may wait for a later batch when they fit no row
+    num_classes: int = 0  # classification: labels must be < this (0: not checked)
 
     def validate(self) -> "DataConfig":
         for name in ("seq_len", "batch_size", "max_segments", "pack_lookahead"):
             if getattr(self, name) < 1:
                 raise DataError(f"data.{name}={getattr(self, name)} must be positive")
+        if self.num_classes < 0:
+            raise DataError(f"data.num_classes={self.num_classes} must be >= 0 (0: labels not checked)")
         return self
 
 
@@ -156,6 +167,16 @@ class Loader:
         example = self._stream[pos][2][0][chunk]
         return example if self.kind == "preferences" else (example,)
 
+    def _label(self, pos: int) -> int:
+        """The checked label of the record at stream position `pos` (classification)."""
+        index, raw, _ = self._stream[pos]
+        label = check_record(raw, self.kind)["label"]
+        if self.config.num_classes and label >= self.config.num_classes:
+            raise DataError(f"{self.source.place(index, raw)}: field 'label' is {label}, but "
+                            f"num_classes={self.config.num_classes} (labels 0..{self.config.num_classes - 1}); "
+                            f"set the stage's num_classes to the data's number of classes")
+        return label
+
     def _next_batch(self, dry_run: bool = False) -> dict[str, np.ndarray]:
         """Fills one batch: first the examples left over from earlier batches, then
         new ones from the stream; an example that fits no row waits (in state
@@ -166,9 +187,12 @@ class Loader:
         prefixes = PAIR_PREFIXES if self.kind == "preferences" else ("",)
         batch = empty_batch(self.rows, c.seq_len, prefixes, self.pad_id,
                             c.max_segments if len(prefixes) == 2 else None)
+        if self.kind == "classification":
+            batch["labels"] = np.zeros((self.rows, c.max_segments), np.int32)
+            batch["label_mask"] = np.zeros((self.rows, c.max_segments), np.float32)
         packer = FirstFit(c.seq_len, self.rows, c.max_segments, streams=len(prefixes))
 
-        def put(item) -> bool:
+        def put(item, pos: int) -> bool:
             spot = packer.place([len(ex[0]) - 1 for ex in item])
             if spot is not None:
                 row, seg, offsets = spot
@@ -176,11 +200,14 @@ class Loader:
                     write(batch, prefix, ex, row, off, seg)
                 if "pair_mask" in batch:
                     batch["pair_mask"][row, seg - 1] = 1.0
+                if "labels" in batch:
+                    batch["labels"][row, seg - 1] = self._label(pos)
+                    batch["label_mask"][row, seg - 1] = 1.0
             return spot is not None
 
         waiting, s["pending"] = s["pending"], []
         for pos, chunk in waiting:  # oldest first: nothing waits for long
-            if not put(self._item(pos, chunk)):
+            if not put(self._item(pos, chunk), pos):
                 s["pending"].append([pos, chunk])
         placed, misses = len(waiting) - len(s["pending"]), 0
         while (len(s["pending"]) < c.pack_lookahead and not packer.full()
@@ -199,7 +226,7 @@ class Loader:
                 continue
             misses = 0
             examples, truncations = result
-            if put(examples[chunk] if len(prefixes) == 2 else (examples[chunk],)):
+            if put(examples[chunk] if len(prefixes) == 2 else (examples[chunk],), pos):
                 placed += 1
             else:
                 s["pending"].append([pos, chunk])

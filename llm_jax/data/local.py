@@ -24,7 +24,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from llm_jax.data.errors import DataError, SkipReport
-from llm_jax.data.records import KINDS, read_jsonl, read_text
+from llm_jax.data.records import INT_FIELDS, KINDS, read_jsonl, read_text
 
 READERS = {"jsonl": read_jsonl, "text": read_text}
 SKIPPED_FILE = "skipped.json"
@@ -48,7 +48,8 @@ class LlmJaxLocal(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        fields = {f: tfds.features.Text() for f in KINDS[self.builder_config.name]}
+        fields = {f: np.int64 if f in INT_FIELDS else tfds.features.Text()
+                  for f in KINDS[self.builder_config.name]}
         # "line" travels with the record so later problems (too long for the
         # context) can still be reported with the file's line number.
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(

@@ -1,10 +1,11 @@
 """Record kinds and their validation, and the readers of local files.
 
-Three kinds of record, one per family of stages:
+Four kinds of record, one per family of stages:
 
-    pretrain      {"text": str}
-    sft           {"prompt": str, "response": str}
-    preferences   {"prompt": str, "chosen": str, "rejected": str}
+    pretrain        {"text": str}
+    sft             {"prompt": str, "response": str}
+    preferences     {"prompt": str, "chosen": str, "rejected": str}
+    classification  {"text": str, "label": int}    # label: a class index >= 0
 
 Extra fields are kept (the built-in world adds "task" and "query" for its
 scorers) but never read by the pipeline. `check_record` returns the cleaned
@@ -32,7 +33,9 @@ KINDS: dict[str, tuple[str, ...]] = {
     "pretrain": ("text",),
     "sft": ("prompt", "response"),
     "preferences": ("prompt", "chosen", "rejected"),
+    "classification": ("text", "label"),
 }
+INT_FIELDS = frozenset({"label"})  # every other field is a string
 
 
 def check_kind(kind: str) -> tuple[str, ...]:
@@ -42,7 +45,7 @@ def check_kind(kind: str) -> tuple[str, ...]:
 
 
 def check_record(raw: Any, kind: str) -> dict | str:
-    """The record with its fields as `str`, or the reason it cannot be used."""
+    """The record with its fields as `str` (a label as `int`), or the reason it cannot be used."""
     if not isinstance(raw, dict):
         return f"not a JSON object ({type(raw).__name__})"
     out = dict(raw)
@@ -50,6 +53,12 @@ def check_record(raw: Any, kind: str) -> dict | str:
         if field not in raw:
             return f"missing field '{field}'"
         value = raw[field]
+        if field in INT_FIELDS:
+            value = _class_index(field, value)
+            if isinstance(value, str):
+                return value
+            out[field] = value
+            continue
         if isinstance(value, (bytes, bytearray)):  # TFDS Text features come back as bytes
             try:
                 value = bytes(value).decode("utf-8")
@@ -67,6 +76,18 @@ def check_record(raw: Any, kind: str) -> dict | str:
     if kind == "preferences" and out["chosen"] == out["rejected"]:
         return "chosen equals rejected"
     return out
+
+
+def _class_index(field: str, value: Any) -> int | str:
+    """An int >= 0 (also from a numpy integer, as TFDS returns), or the reason it is not one.
+    Floats and bools are refused: `1.0` or `true` in a label column is a data bug."""
+    if hasattr(value, "item") and getattr(value, "shape", None) == ():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"field '{field}' is {type(value).__name__}, not an integer class index"
+    if value < 0:
+        return f"field '{field}' is {value}, not a class index (>= 0)"
+    return value
 
 
 def check_file(path: str) -> None:

@@ -1,9 +1,10 @@
 """Sources by name: every one becomes a random-access sequence of raw records.
 
     builtin:NAME[/TASK,TASK...]   generated in-process: NAME in pretrain | sft | chat | preferences
-                                  (chat: instructions mixed with requests/thanks/questions answered
-                                  well or badly, see `preferences.chat_record`); optional subset of
-                                  tasks (or preference kinds); splits train | eval
+                                  | classify (chat: instructions mixed with requests/thanks/questions
+                                  answered well or badly, see `preferences.chat_record`; classify:
+                                  labelled `query -> answer` lines, see `data.classify`); optional
+                                  subset of tasks (or preference kinds, or classes); splits train | eval
     tfds:NAME[/CONFIG][:VERSION]  a TFDS catalog dataset prepared as ArrayRecord in `data_dir`
                                   (a local path or gs:// bucket); any TFDS split string
     jsonl:PATH                    one JSON object per line (see `records`)
@@ -12,8 +13,9 @@
 Local files are built once into a TFDS ArrayRecord dataset (`local.prepare`)
 and then read exactly like a catalog dataset; their only split is "train"
 (TFDS slicing such as "train[:90%]" works). A source's kind (pretrain, sft,
-preferences) is given by the config, or implied: builtin by its name, text by
-its format, jsonl and tfds by the fields of their first record.
+preferences, classification) is given by the config, or implied: builtin by its name, text by
+its format, jsonl and tfds by the fields of their first record (never classification, which
+is asked for by name).
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ import json
 import random
 from collections.abc import Sequence
 
-from llm_jax.data import builtin, local, preferences
+from llm_jax.data import builtin, classify, local, preferences
 from llm_jax.data.errors import DataError, SkipReport
 from llm_jax.data.records import KINDS, check_file, check_kind
 
-BUILTIN_KINDS = {"pretrain": "pretrain", "sft": "sft", "chat": "sft", "preferences": "preferences"}
+BUILTIN_KINDS = {"pretrain": "pretrain", "sft": "sft", "chat": "sft", "preferences": "preferences",
+                 "classify": "classification"}
 BUILTIN_EVAL_FRACTION = 10  # eval split = size // 10 records (at least 100)
 
 
@@ -71,6 +74,8 @@ class BuiltinRecords(Sequence):
             return builtin.sft_record(rng, self.split, self.subset)
         if self.name == "chat":
             return preferences.chat_record(rng, self.split, self.subset)
+        if self.name == "classify":
+            return classify.classification_record(rng, self.split, self.subset)
         return preferences.preference_record(rng, self.split, self.subset)
 
 
@@ -78,7 +83,8 @@ def _open_builtin(spec: str, split: str, size: int, seed: int) -> Source:
     name, _, subset = spec.partition("/")
     if name not in BUILTIN_KINDS:
         raise DataError(f"builtin:{spec}: unknown built-in source {name!r}; known: {sorted(BUILTIN_KINDS)}")
-    known = preferences.PREFERENCE_KINDS if name == "preferences" else tuple(builtin.TASKS)
+    known = {"preferences": preferences.PREFERENCE_KINDS,
+             "classify": classify.CLASSES}.get(name, tuple(builtin.TASKS))
     parts = tuple(p for p in subset.split(",") if p) or None
     for p in parts or ():
         if p not in known:
@@ -90,6 +96,9 @@ def _open_builtin(spec: str, split: str, size: int, seed: int) -> Source:
 
 def _infer_kind(raw, name: str) -> str:
     fields = raw.keys() if isinstance(raw, dict) else ()
+    # Never "classification": {"text", "label"} records are also a pretraining corpus
+    # that carries labels (tfds:imdb_reviews), read as such before that kind existed;
+    # a classification stage asks for its kind (DataConfig.kind).
     for kind in ("preferences", "sft", "pretrain"):  # the most specific first
         if all(f in fields for f in KINDS[kind]):
             return kind
