@@ -231,8 +231,8 @@ def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_onl
     lm = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), lm)
     keys = set(saved_params) if isinstance(saved_params, dict) else set()
     if {"model", "head"} <= keys:
-        raise ConfigError(f"--stage {stage}: its params are a scalar model (model + head, e.g. the "
-                          "reward model), which has no LM head to generate with")
+        raise ConfigError(f"--stage {stage}: its params are a scalar model or a classifier (model + "
+                          "head, e.g. the reward model), which has no LM head to generate with or export")
     if "policy" in keys:  # ppo: load the whole tree (names checked), keep the policy
         def like_saved(leaf):
             return jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype, sharding=device)

@@ -67,6 +67,20 @@ def test_bert_mlm_smoke(tmp_path):
     assert 0 < ev["heldout_mlm_loss_after"] < ev["heldout_mlm_loss_before"]
     for k in ("heldout_mlm_accuracy_before", "heldout_mlm_accuracy_after"):
         assert 0.0 <= ev[k] <= 1.0, k
+    # The trained encoder exports as a BERT that transformers computes the same.
+    import numpy as np
+    import torch
+    import transformers
+
+    from llm_jax import generate, hf, model
+    out = str(tmp_path / "hf_bert")
+    assert hf.export_stage(workdir, "mlm", out) == "bert"
+    cfg, params, _, _ = generate.load_stage(workdir, "mlm", decoder_only=False)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 16))
+    want = np.asarray(model.apply(cfg, params, tokens))
+    with torch.no_grad():
+        got = transformers.BertForMaskedLM.from_pretrained(out).eval()(torch.as_tensor(tokens)).logits.numpy()
+    assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
 
 
 def test_bert_refuses_a_causal_model_before_any_work(tmp_path):
