@@ -24,11 +24,11 @@ merged weight comes back in the base weight's dtype.
 Training with LoRA is the ordinary train step with `state.params` = the
 adapters (so the optimizer state and the resume checkpoints hold only them) and
 the frozen base passed as the step's `frozen` argument (not a jit constant).
-The wrapped loss merges inside the step, so the gradient reaches A and B through
-the merge; the merged copies of the *adapted* weights (and their full-size
-gradient) exist transiently inside the step, the other weights are the base's
-own buffers. (Adding x @ A @ B beside x @ W in `model.block` would avoid even
-that, at the cost of a branch in the model; not done here.)
+The wrapped loss does not merge: `attach` puts each adapter beside its weight
+and `model.block` computes x @ W + (x @ A) @ B, so the step holds no full-size
+merged weight and no full-size weight gradient, only the base's own buffers,
+the adapters and their gradients. `merge` (W + scale * A @ B) is for hand-off,
+evaluation and export.
 
 The frozen base doubles as the reference where a stage wants one: SFT's KL
 term (`lora_loss_fn(..., base_as_reference=True)`) and DPO (build the reference
@@ -180,6 +180,21 @@ def merge(params: Params, adapters: Params, lora_cfg: LoRAConfig) -> Params:
     return {**params, "layers": layers}
 
 
+def attach(params: Params, adapters: Params, lora_cfg: LoRAConfig) -> Params:
+    """params with each adapter beside its weight, for training: layers/attn/q_lora =
+    {"a": A, "b": (alpha / rank) * B}, which `model.block` applies unmerged,
+    x @ W + (x @ A) @ B'. Same outputs as `merge` (up to float rounding), but the
+    step never forms a full-size W + A @ B or its gradient: the gradient reaches
+    A and B from the activations directly. No array is copied here."""
+    layers = dict(params["layers"])
+    for group, targets in adapters["layers"].items():
+        sub = dict(layers[group])
+        for target, ab in targets.items():
+            sub[target + "_lora"] = {"a": ab["a"], "b": lora_cfg.scale * ab["b"]}
+        layers[group] = sub
+    return {**params, "layers": layers}
+
+
 def count(tree: Params) -> int:
     """Number of array elements in a tree (adapters, params, optimizer state)."""
     return sum(int(x.size) for x in jax.tree.leaves(tree))
@@ -200,7 +215,7 @@ def lora_loss_fn(loss_fn, lora_cfg: LoRAConfig, *, base_as_reference: bool = Fal
     """Wraps an LM stage's loss (SFT, DPO) for `train.make_train_step` with LoRA:
 
         wrapped(adapters, batch, rng, normalizer, base)
-            = loss_fn(merge(base, adapters), batch, rng, normalizer[, base])
+            = loss_fn(attach(base, adapters), batch, rng, normalizer[, base])
 
     The step is called as `step(state, batch, frozen=base)` with state.params =
     the adapters. `base_as_reference=True` also hands the base to `loss_fn` as
@@ -210,7 +225,7 @@ def lora_loss_fn(loss_fn, lora_cfg: LoRAConfig, *, base_as_reference: bool = Fal
 
     def wrapped(adapters, batch, rng, normalizer, base):
         extra = (base,) if base_as_reference else ()
-        return loss_fn(merge(base, adapters, lora_cfg), batch, rng, normalizer, *extra)
+        return loss_fn(attach(base, adapters, lora_cfg), batch, rng, normalizer, *extra)
 
     return wrapped
 
@@ -223,7 +238,7 @@ def init_reward_trainable(lora_cfg: LoRAConfig, model_cfg: ModelConfig, rng: jax
 
 
 def merged_reward_params(base: Params, trainable: Params, lora_cfg: LoRAConfig) -> Params:
-    """{"model": base + adapters, "head": head}: the layout `stages.reward` reads."""
+    """{"model": base + adapters (merged), "head": head}: the layout `stages.reward` reads."""
     return {"model": merge(base, trainable["adapters"], lora_cfg), "head": trainable["head"]}
 
 
@@ -233,7 +248,8 @@ def lora_reward_loss_fn(loss_fn, lora_cfg: LoRAConfig):
     lora_cfg.validate()
 
     def wrapped(trainable, batch, rng, normalizer, base):
-        return loss_fn(merged_reward_params(base, trainable, lora_cfg), batch, rng, normalizer)
+        params = {"model": attach(base, trainable["adapters"], lora_cfg), "head": trainable["head"]}
+        return loss_fn(params, batch, rng, normalizer)
 
     return wrapped
 

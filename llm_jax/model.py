@@ -198,6 +198,21 @@ def _linear(x, w, b=None, spec="btd,df->btf"):
     return y if b is None else y + b
 
 
+def _project(x: jax.Array, p: Params, name: str, spec: str) -> jax.Array:
+    """One projection of a block: x @ p[name] (+ p[name + "_bias"]), and with a LoRA
+    adapter attached (`lora.attach`: p[name + "_lora"] = {"a": [in, r], "b": [r, out]},
+    b already scaled by alpha / r) also + (x @ a) @ b, unmerged: the full-size
+    W + a @ b is never formed, nor its gradient. x's trailing dims are the
+    weight's input (o reads [B, T, N, H] as [B, T, N*H])."""
+    y = _linear(x, p[name], p.get(name + "_bias"), spec)
+    adapter = p.get(name + "_lora")
+    if adapter is not None:
+        x2 = x.reshape(*x.shape[:2], -1)  # [B, T, in]
+        d = jnp.einsum("bti,ir->btr", x2, adapter["a"])
+        y = y + jnp.einsum("btr,ro->bto", d, adapter["b"]).reshape(y.shape)
+    return y
+
+
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
@@ -242,9 +257,9 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
     a = p["attn"]
     pre = c.norm_position == "pre"
     h = norm(c, p["attn_norm"], x) if pre else x
-    q = _linear(h, a["q"], a.get("q_bias"), "btd,dnh->btnh")  # [B, T, N, H]
-    k = _linear(h, a["k"], a.get("k_bias"), "btd,dgh->btgh")  # [B, T, G, H]
-    v = _linear(h, a["v"], a.get("v_bias"), "btd,dgh->btgh")  # [B, T, G, H]
+    q = _project(h, a, "q", "btd,dnh->btnh")  # [B, T, N, H]
+    k = _project(h, a, "k", "btd,dgh->btgh")  # [B, T, G, H]
+    v = _project(h, a, "v", "btd,dgh->btgh")  # [B, T, G, H]
     if c.positions == "rotary":
         freqs = rope_frequencies(c)
         q = rotary(q, positions, freqs=freqs)
@@ -258,19 +273,19 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
         k, v = k.astype(q.dtype), v.astype(q.dtype)
     causal_only = mask is None and c.causal and kv is None
     o = attention(q, k, v, mask, causal=causal_only, impl=c.attention_impl)  # [B, T, N, H]
-    o = _linear(o, a["o"], a.get("o_bias"), "btnh,nhd->btd")
+    o = _project(o, a, "o", "btnh,nhd->btd")
     x = x + _dropout(o, c.dropout, rngs[0])
     if not pre:
         x = norm(c, p["attn_norm"], x)
 
     m = p["mlp"]
     h = norm(c, p["mlp_norm"], x) if pre else x
-    up = _linear(h, m["up"], m.get("up_bias"))  # [B, T, F]
+    up = _project(h, m, "up", "btd,df->btf")  # [B, T, F]
     if c.mlp == "swiglu":
-        up = jax.nn.silu(_linear(h, m["gate"], m.get("gate_bias"))) * up
+        up = jax.nn.silu(_project(h, m, "gate", "btd,df->btf")) * up
     else:
         up = activation(c, up)
-    out = _linear(up, m["down"], m.get("down_bias"), "btf,fd->btd")
+    out = _project(up, m, "down", "btf,fd->btd")
     x = x + _dropout(out, c.dropout, rngs[1])
     if not pre:
         x = norm(c, p["mlp_norm"], x)

@@ -208,6 +208,30 @@ def test_merged_model_matches_numpy_reference_on_hand_merged_weights():
     assert np.abs(base - want).max() > 1e-2 * scale  # the adapters do change the model
 
 
+def test_attached_adapters_compute_the_merged_model_and_its_gradient():
+    """Training applies adapters unmerged (`attach`: x @ W + (x @ A) @ B' in the
+    block); it must be the same model as the hand merge, with the same adapter
+    gradient as differentiating through `merge`."""
+    params = model.init(CFG, jax.random.PRNGKey(0))
+    lcfg = lora.LoRAConfig(rank=4, alpha=16.0, targets=ALL)
+    adapters = random_adapters(lcfg, CFG, 7)
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size))
+    got = np.asarray(APPLY(lora.attach(params, adapters, lcfg), tokens), np.float64)
+    want = ref.reference_logits(CFG, np_merged(params, adapters, 4.0), tokens)
+    scale = max(1.0, float(np.abs(want).max()))
+    np.testing.assert_allclose(got, want, rtol=REF_RTOL, atol=REF_ATOL * scale)
+
+    def loss(ad, combine):
+        return jnp.mean(jax.nn.log_softmax(model.apply(CFG, combine(params, ad, lcfg), tokens))[..., 7])
+    g_attach = jax.grad(loss)(adapters, lora.attach)
+    g_merge = jax.grad(loss)(adapters, lora.merge)
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(g_attach), jax.tree.leaves(g_merge)):
+        x, y = np.asarray(x), np.asarray(y)
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6 * np.abs(y).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+        assert np.abs(y).max() > 0, jax.tree_util.keystr(path)
+
+
 # ---------------------------------------------------------------------------
 # Training: only the adapters move
 
