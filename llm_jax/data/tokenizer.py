@@ -71,7 +71,20 @@ class ByteTokenizer(_Specials):
             json.dump(meta, f, indent=2)
 
 
-class BpeTokenizer(_Specials):
+class _TokenizersLib:
+    """encode/decode through a `tokenizers.Tokenizer` held as `self._tok` (BPE and HF)."""
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class BpeTokenizer(_TokenizersLib, _Specials):
     """Byte-level BPE (a `tokenizers.Tokenizer`) with our special tokens at ids 0..5."""
 
     kind = "bpe"
@@ -83,15 +96,6 @@ class BpeTokenizer(_Specials):
                                      f"expected {i}")
         self._tok = tokenizer
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> None:
         self._write_meta(directory)
@@ -168,7 +172,7 @@ HF_ROLES = {"bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token")
 TEMPLATE_TOKENS = {"prompt": "<prompt>", "response": "<response>"}
 
 
-class HfTokenizer:
+class HfTokenizer(_TokenizersLib):
     """A Hugging Face fast tokenizer (`tokenizer.json`) with the special-token ids its
     model was trained with: bos/eos/pad/mask from its config, plus the SFT
     template's <prompt>/<response> markers. `mask_id` is None when it has no mask token."""
@@ -194,15 +198,6 @@ class HfTokenizer:
         self.bos_id, self.eos_id, self.pad_id, self.mask_id = ids["bos"], ids["eos"], ids["pad"], ids["mask"]
         self.prompt_id, self.response_id = ids["prompt"], ids["response"]
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str) -> None:
         """The run's tokenizer/: meta.json (kind "hf", the role tokens) + tokenizer.json."""
