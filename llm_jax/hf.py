@@ -30,14 +30,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 from typing import Any, Callable
 
+import jax
 import ml_dtypes
 import numpy as np
 
+from llm_jax import model
 from llm_jax.config import ModelConfig
 
 Params = dict[str, Any]
@@ -521,7 +522,6 @@ def load_pretrained(directory: str, *, param_dtype: str = "float32",
         raise HFError(f"{directory}: {len(unused)} tensors this llm_jax config does not use, e.g. "
                       f"{unused[:5]}: the checkpoint's architecture differs from {family}'s")
     dt = np.dtype(param_dtype if param_dtype != "bfloat16" else ml_dtypes.bfloat16)
-    import jax
     return cfg, jax.tree.map(lambda a: np.asarray(a, dt), params)
 
 
@@ -532,8 +532,6 @@ def _rename(name: str) -> str:
 
 
 def _fresh_head(cfg: ModelConfig, params: Params, seed: int) -> Params:
-    import jax
-    from llm_jax import model
     fresh = model.init(dataclasses.replace(cfg, num_layers=1), jax.random.PRNGKey(seed))
     return {**params, "lm_transform": jax.tree.map(np.asarray, fresh["lm_transform"]),
             "lm_bias": np.asarray(fresh["lm_bias"])}
@@ -541,7 +539,6 @@ def _fresh_head(cfg: ModelConfig, params: Params, seed: int) -> Params:
 
 def hf_weights(cfg: ModelConfig, params: Params) -> tuple[str, dict[str, np.ndarray]]:
     """(family, HF tensor name -> numpy array) of llm_jax params."""
-    import jax
     family = family_of(cfg)
     host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
     fn = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf, "bert": _bert_to_hf}[family]

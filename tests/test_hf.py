@@ -454,3 +454,21 @@ def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, caps
     from llm_jax.rundir import run_main
     assert run_main(lambda: llama_sft_dpo.main(["--workdir", str(tmp_path / "run2")] + argv[2:])) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_import_and_export_need_neither_torch_nor_transformers(tmp_path):
+    """The interop path runs with torch, transformers and safetensors unimportable."""
+    import subprocess
+    import sys
+    d = saved(llama_model(), tmp_path, "l")
+    code = ("import sys\n"
+            "for name in ('torch', 'transformers', 'safetensors'): sys.modules[name] = None\n"
+            "from llm_jax import hf\n"
+            f"cfg, params = hf.load_pretrained({d!r})\n"
+            f"print(hf.save_pretrained({str(tmp_path / 'out')!r}, cfg, params))\n")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("llama")
+    assert rel_err(reload_logits(str(tmp_path / "out"), transformers.AutoModelForCausalLM, TOKENS),
+                   torch_logits(llama_model(), TOKENS)) < RTOL
