@@ -38,6 +38,7 @@ class SpikeGuard:
     """Decides whether a step's loss is a spike, and whether rollbacks are too frequent."""
 
     factor: float
+    min_increase: float
     window: int
     max_rollbacks: int
     rollback_window: int
@@ -49,7 +50,8 @@ class SpikeGuard:
             return True
         if self.factor <= 0 or len(self.history) < self.window:
             return False
-        return loss > self.factor * float(np.median(self.history[-self.window:]))
+        median = float(np.median(self.history[-self.window:]))
+        return loss > self.factor * median and loss - median >= self.min_increase
 
     def record(self, loss: float) -> None:
         self.history = (self.history + [loss])[-self.window:]
@@ -154,7 +156,7 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
     ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
                         keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     abstract = abstract_like(state, shardings)
-    guard = SpikeGuard(cfg.spike_factor, cfg.spike_window, cfg.max_rollbacks, cfg.rollback_window)
+    guard = SpikeGuard(cfg.spike_factor, cfg.spike_min_increase, cfg.spike_window, cfg.max_rollbacks, cfg.rollback_window)
     log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
 
     def restore() -> tuple[int, Any]:

@@ -132,6 +132,21 @@ def test_loss_spike_rolls_back_and_skips_the_batch(tmp_path, poison_value):
     assert max(logged) == 8 and all(np.isfinite(v) and v < 10 for v in logged.values())
 
 
+def test_spike_rule_needs_ratio_and_absolute_increase():
+    # The SFT run that stopped: median 0.077, ordinary harder batches at 0.19-0.20 (2.5x).
+    guard = loop.SpikeGuard(factor=2.5, min_increase=0.5, window=4, max_rollbacks=3, rollback_window=100)
+    for x in (0.07, 0.08, 0.075, 0.079):
+        guard.record(x)
+    assert not guard.is_spike(0.20)  # 2.6x the median but only 0.12 nats above it
+    assert guard.is_spike(0.7)  # 9x and 0.62 nats above
+    assert guard.is_spike(float("nan")) and guard.is_spike(float("inf"))
+    high = loop.SpikeGuard(factor=2.5, min_increase=0.5, window=4, max_rollbacks=3, rollback_window=100)
+    for x in (3.0, 3.1, 2.9, 3.0):
+        high.record(x)
+    assert not high.is_spike(6.0)  # 3 nats above but only 2x: the ratio rule still applies
+    assert high.is_spike(8.0)
+
+
 def test_repeated_spikes_stop_the_run(tmp_path):
     data = packed_rows()
     data["poison"][:] = 1  # every batch explodes
