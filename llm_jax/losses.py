@@ -612,8 +612,9 @@ def classification_loss(logits, labels, weights=None, normalizer=None):
 
     `logits` are a head's outputs `W h(x) + b` on a pooled or last-token
     representation h(x); the log-softmax runs in float32 (log-sum-exp, stable
-    for large logits). A label outside [0, C) picks no class (its term is
-    meaningless): mask such rows with weight 0.
+    for large logits). The label is picked with `token_logprobs`, so a label
+    outside [0, C) (e.g. -1 padding) gives log-prob 0 rather than NaN or a
+    wrapped class, and a row at weight 0 contributes nothing.
 
     Args:
         logits: [B, C] class scores (any float dtype).
@@ -626,9 +627,7 @@ def classification_loss(logits, labels, weights=None, normalizer=None):
     Returns:
         A float32 scalar.
     """
-    logp = jax.nn.log_softmax(_float(logits), axis=-1)  # [B, C]
-    picked = jnp.take_along_axis(logp, jnp.asarray(labels)[..., None].astype(jnp.int32), axis=-1)
-    return masked_mean(-picked[..., 0], weights, normalizer)
+    return masked_mean(-token_logprobs(logits, labels), weights, normalizer)
 
 
 LOSSES = {

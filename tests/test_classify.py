@@ -86,6 +86,21 @@ def test_classification_loss_stable_bf16_and_all_masked():
     assert losses.LOSSES["classification"] is losses.classification_loss
 
 
+@pytest.mark.parametrize("bad_label", [3, -1])
+def test_classification_loss_out_of_range_label_at_weight_zero(bad_label):
+    # A padding row with a label outside [0, C) and weight 0 must not turn the
+    # loss into NaN (a gather of index C) or score a wrapped class (-1 -> C-1).
+    logits = np.array([[0.5, -1.0, 2.0], [1.0, 0.0, -3.0], [0.0, 0.0, 0.0]], np.float32)
+    labels = np.array([2, 0, bad_label], np.int32)
+    weights = np.array([1.0, 0.5, 0.0], np.float32)
+    loss = losses.classification_loss(logits, labels, weights)
+    grad = jax.grad(losses.classification_loss)(jnp.asarray(logits), labels, weights)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(grad))
+    assert_close(loss, np_classification_loss(logits[:2], labels[:2], weights[:2]))
+    assert_close(losses.classification_loss(np.zeros((2, 3), np.float32), np.array([0, 3]), np.array([1.0, 0.0])),
+                 math.log(3.0))
+
+
 def test_classification_loss_grads():
     rng = np.random.default_rng(4)
     labels, weights = np.array([0, 3, 1]), np.array([1.0, 0.5, 2.0])
