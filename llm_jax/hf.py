@@ -229,8 +229,13 @@ def family_of(cfg: ModelConfig) -> str:
     reasons = []
     for family, shape in _FAMILY_SHAPE.items():
         wrong = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in shape.items() if getattr(cfg, k) != v]
-        if family == "gpt2" and (cfg.kv_heads != cfg.num_heads or cfg.head_size * cfg.num_heads != cfg.d_model):
-            wrong.append("grouped-query attention or a head_dim other than d_model/num_heads")
+        if family in ("gpt2", "bert"):  # their q, k, v and o weights are all [d_model, d_model]
+            if cfg.kv_heads != cfg.num_heads:
+                wrong.append(f"num_kv_heads={cfg.num_kv_heads!r} (needs None or num_heads={cfg.num_heads}: "
+                             f"{family} has no grouped-query attention)")
+            if cfg.head_size * cfg.num_heads != cfg.d_model:
+                wrong.append(f"head_dim={cfg.head_dim!r} (needs None or d_model/num_heads="
+                             f"{cfg.d_model // cfg.num_heads})")
         if not wrong:
             return family
         reasons.append(f"{family}: model.{', model.'.join(wrong)}")

@@ -236,6 +236,24 @@ def test_export_refuses_a_model_no_family_has(tmp_path):
         hf.save_pretrained(str(tmp_path / "x"), cfg, params)
 
 
+BERT_SHAPE = dict(vocab_size=97, d_model=32, num_layers=1, num_heads=4, d_ff=64, max_len=32, causal=False,
+                  positions="learned", norm="layernorm", norm_position="post", mlp="gelu_exact",
+                  use_bias=True, type_vocab_size=2, lm_head_transform=True, lm_head_bias=True)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(num_kv_heads=2), r"bert: model\.num_kv_heads=2 \(needs None or num_heads=4"),
+    (dict(head_dim=16), r"bert: model\.head_dim=16 \(needs None or d_model/num_heads=8\)"),
+], ids=["gqa", "head_dim"])
+def test_export_refuses_bert_shapes_its_attention_cannot_hold(tmp_path, kw, match):
+    """BERT's q/k/v/o are [d_model, d_model] like GPT-2's: GQA or another head_dim is named, not a reshape error."""
+    assert hf.family_of(ModelConfig(**BERT_SHAPE)) == "bert"
+    cfg = ModelConfig(**BERT_SHAPE, **kw)
+    params = model.init(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(hf.HFError, match=match):
+        hf.save_pretrained(str(tmp_path / "x"), cfg, params)
+
+
 def test_resize_vocab_keeps_old_logits(tmp_path):
     m = gpt2_model()
     cfg, params = hf.load_pretrained(saved(m, tmp_path, "gpt2"))
