@@ -14,7 +14,8 @@ of an earlier llm_jax run (its `checkpoints/` and the run's `tokenizer/` are
 used), or `hf:DIR` a local Hugging Face directory (config.json, safetensors and
 tokenizer.json; Llama, Mistral or GPT-2): the architecture then comes from
 DIR/config.json, only how to compute (model.dtype, param_dtype, remat,
-scan_layers, attention_impl, dropout) from this config, and the vocabulary
+scan_layers, attention_impl, dropout) from this config (any other model.* set
+to a value the checkpoint does not have is an error), and the vocabulary
 grows by the SFT template's <prompt>/<response> tokens when the tokenizer lacks
 them. Without init_from the model starts from random weights and a byte-level
 BPE is trained on the JSONL texts - fine for a smoke test, not for real use.
@@ -86,7 +87,8 @@ class Config:
 
 
 # With init_from=hf:DIR these model.* fields (how to compute) are kept from this
-# config; every other one (what the model is) comes from DIR/config.json.
+# config; every other one (what the model is) comes from DIR/config.json, and
+# setting one to a different value is a ConfigError (see with_hf_model).
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
 
 
@@ -97,9 +99,21 @@ def hf_source(cfg: Config) -> str | None:
 
 def with_hf_model(cfg: Config, tok) -> Config:
     """cfg whose model is the HF checkpoint's architecture with this config's runtime
-    fields, its vocabulary grown to the tokenizer's (the template markers)."""
+    fields, its vocabulary grown to the tokenizer's (the template markers).
+
+    A model.* field outside RUNTIME_FIELDS that was set (differs from Config()'s)
+    to a value other than the checkpoint's is a ConfigError, not silently dropped."""
     directory = hf_source(cfg)
     arch = hf.config_from_hf(hf.read_config(directory), os.path.join(directory, hf.CONFIG_FILE))
+    default = Config().model
+    clashes = [f"model.{f.name}={getattr(cfg.model, f.name)!r} (the checkpoint has {getattr(arch, f.name)!r})"
+               for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS
+               and getattr(cfg.model, f.name) != getattr(default, f.name)
+               and getattr(cfg.model, f.name) != getattr(arch, f.name)]
+    if clashes:
+        raise ConfigError(f"init_from={cfg.init_from}: the architecture is the checkpoint's config.json, "
+                          f"so these settings cannot apply: {', '.join(clashes)}; only model."
+                          f"{', model.'.join(RUNTIME_FIELDS)} may be set")
     runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
     return dataclasses.replace(cfg, model=dataclasses.replace(
         arch, vocab_size=max(arch.vocab_size, tok.vocab_size), **runtime).validate())

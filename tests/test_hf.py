@@ -22,7 +22,7 @@ import transformers
 from safetensors.torch import save_file
 
 from llm_jax import hf, model
-from llm_jax.config import ModelConfig
+from llm_jax.config import ConfigError, ModelConfig, apply_overrides
 from llm_jax.data import formats
 from llm_jax.data.tokenizer import HfTokenizer, TokenizerError, load_hf_tokenizer, load_tokenizer
 
@@ -444,7 +444,7 @@ def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, caps
     write_jsonl(str(tmp_path / "prefs.jsonl"), pref_rows)
     out = str(tmp_path / "exported")
     sets = [f"init_from=hf:{d}", "lora.rank=2", 'lora.targets=["q","v"]', f"export_dir={out}",
-            "model.max_len=64",  # ignored: the architecture is the checkpoint's
+            "model.scan_layers=false",  # a runtime field: kept; the architecture is the checkpoint's
             f"sft.data.source=jsonl:{tmp_path / 'sft.jsonl'}", f"dpo.data.source=jsonl:{tmp_path / 'prefs.jsonl'}",
             "sft.optim.lr=1e-2", "sft.optim.warmup_steps=0", "dpo.optim.lr=1e-2", "dpo.optim.warmup_steps=0",
             "sft.train.steps=2", "sft.train.batch_size=8", "sft.train.seq_len=64", "sft.data.max_segments=4",
@@ -452,10 +452,19 @@ def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, caps
             f"sft.data.cache_dir={tmp_path / 'cache'}", f"dpo.data.cache_dir={tmp_path / 'cache'}"]
     workdir = str(tmp_path / "run")
     argv = ["--workdir", workdir] + [x for s in sets for x in ("--set", s)]
+    # A model.* setting the checkpoint contradicts is named, not silently dropped
+    # (max_len=64 is the checkpoint's own value, so that one alone is accepted).
+    with pytest.raises(ConfigError, match=r"model\.num_layers=3 \(the checkpoint has 2\), "
+                                          r"model\.max_len=128 \(the checkpoint has 64\);"):
+        llama_sft_dpo.main(["--workdir", str(tmp_path / "clash")] + argv[2:]
+                           + ["--set", "model.max_len=128", "--set", "model.num_layers=3"])
+    llama_sft_dpo.with_hf_model(apply_overrides(llama_sft_dpo.Config(), [f"init_from=hf:{d}", "model.max_len=64"]),
+                                load_hf_tokenizer(d))
     assert llama_sft_dpo.main(argv) == 0
     run = json.load(open(os.path.join(workdir, "run.json")))
     vocab = len(fast) + 2  # the tokenizer lacked <prompt>/<response>: two rows more
     assert vocab > 300 and run["config"]["model"]["d_model"] == 64
+    assert run["config"]["model"]["scan_layers"] is False
     assert run["config"]["model"]["vocab_size"] == vocab
     # The export loads in transformers; only the adapted projections moved, the
     # embeddings and output matrix only by their two new rows.
