@@ -201,8 +201,9 @@ def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_onl
     The stage's params are the LM params themselves (pretrain, sft, dpo) or a
     dict holding them under "policy" (ppo, whose other entries, e.g. the value
     model, are loaded and dropped). A scalar model ("model" + "head": the reward
-    model) has no LM head to sample from: ConfigError. `decoder_only=False` also
-    loads encoders (for export; they cannot generate)."""
+    model) has no LM head to sample from, and a LoRA stage's checkpoints hold only
+    adapters: ConfigError. `decoder_only=False` also loads encoders (for export;
+    they cannot generate)."""
     if not os.path.isdir(workdir):
         raise ConfigError(f"--workdir {workdir}: no such directory")
     stage_dir = os.path.join(workdir, stage)
@@ -216,6 +217,12 @@ def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_onl
     if not isinstance(saved.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section")
     cfg = model_config_from_dict(saved["model"], config_path)
+    lora = saved.get("lora")
+    if isinstance(lora, dict) and isinstance(lora.get("rank"), int) and lora["rank"] > 0:
+        raise ConfigError(f"--stage {stage}: trained with LoRA (lora.rank={lora['rank']} in {config_path}), "
+                          "so its checkpoints hold only the adapters over a frozen base, not a model; to "
+                          "get the merged model, run experiments/llama_sft_dpo.py with --set export_dir=DIR "
+                          "(it writes the final policy, LoRA merged, as a Hugging Face directory)")
     if decoder_only and not cfg.causal:
         raise ConfigError(f"--stage {stage}: model.causal=False (an encoder) cannot generate text")
     try:

@@ -18,7 +18,7 @@ import pytest
 
 import reference_model as ref
 from experiments import llama_sft_dpo
-from llm_jax import checkpoint, lora, model, sharding, train
+from llm_jax import checkpoint, generate, hf, lora, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, apply_overrides, preset
 from llm_jax.data import builtin, preferences
 from llm_jax.data.loader import DataConfig, Loader
@@ -365,6 +365,12 @@ def test_llama_sft_dpo_with_lora_smoke(tmp_path, capsys):
         assert lora.count(got) == n_adapters
         with pytest.raises(checkpoint.CheckpointError, match="missing from the checkpoint"):
             checkpoint.load_params(ckpt, like)
+        # Generating from or exporting such a stage says why and what to use instead.
+        lora_stage = r"trained with LoRA \(lora.rank=2 .*adapters over a frozen base.*--set export_dir=DIR"
+        with pytest.raises(ConfigError, match=lora_stage):
+            generate.load_stage(workdir, stage)
+        with pytest.raises(ConfigError, match=lora_stage):
+            hf.export_stage(workdir, stage, str(tmp_path / "exported"))
     # Hand-off: the SFT model DPO starts from = its random init (sft.train.seed 0) + its adapters.
     sft_adapters = checkpoint.load_params(os.path.join(workdir, "sft", "checkpoints"),
                                           lora.abstract_adapters(lcfg, mcfg, mesh))
