@@ -3,8 +3,8 @@
     python -m experiments.pretrain --workdir runs/demo [--set train.steps=600 ...]
 
 Trains a small decoder on few-shot documents of the built-in tasks (copy, sort,
-reverse, German->English, formatting, squares, sums), logs the loss, reports
-held-out loss before and after and the in-context accuracy on held-out probes
+reverse, German->English and ->French, formatting, squares and doubles, sums),
+logs the loss, reports held-out loss before and after and the in-context accuracy on held-out probes
 at 0, 1 and k shots, with a few greedy continuations so you can see what it
 learned. `experiments.pipeline` runs this stage first.
 """
@@ -115,7 +115,8 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
         f"({summary['seconds']:.0f}s of training)")
     say("in-context accuracy on held-out probes: " + ", ".join(
         f"{k}-shot " + ("n/a (no probe fits max_len)" if v is None else f"{v:.2f}")
-        for k, v in sorted(icl["by_shots"].items(), key=lambda kv: int(kv[0]))))
+        for k, v in sorted(icl["by_shots"].items(), key=lambda kv: int(kv[0])))
+        + f" (pooled over {', '.join(icl['pooled_tasks']) or 'no task'}: the tasks scored at every shot count)")
     for s in icl.get("samples", [])[:8]:
         last = s["prompt"].split("\n")[-1]
         say(f"  {'ok ' if s['correct'] else '   '}{last!r:34} -> {s['got']!r}  (expected {s['expected']!r})")

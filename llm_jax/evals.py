@@ -96,11 +96,11 @@ def _mean(xs: Sequence[float]) -> float | None:
     return float(np.mean(xs)) if len(xs) else None
 
 
-def _check_tasks(tasks: Sequence[str] | None) -> list[str]:
-    tasks = sorted(tasks or builtin.TASKS)
-    unknown = [t for t in tasks if t not in builtin.TASKS]
+def _check_tasks(tasks: Sequence[str] | None, known=builtin.TASKS) -> list[str]:
+    tasks = sorted(tasks or known)
+    unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"tasks {unknown}: unknown; built-in tasks are {sorted(builtin.TASKS)}")
+        raise ValueError(f"tasks {unknown}: unknown; built-in tasks are {sorted(known)}")
     return tasks
 
 
@@ -136,9 +136,12 @@ def icl_accuracy(cfg: ModelConfig, params, tok, *, shots: Sequence[int] = (0, 1,
     the continuation up to the first newline, scored by `builtin.score`.
     Returns {"by_shots": {shots: acc}, "by_task": {task: {shots: acc}},
     "evaluated"/"skipped"/"distinct_prompts": {task: {shots: count}},
-    "max_new_tokens", "samples": one probe per (shots, task)}. by_shots pools
-    every evaluated probe of that shot count."""
-    tasks, shots = _check_tasks(tasks), list(shots)
+    "max_new_tokens", "samples": one probe per (shots, task), "pooled_tasks"}.
+    by_shots pools the probes of the tasks whose every probe fits the context at
+    every shot count ("pooled_tasks"), so each shot count is scored on the same
+    tasks: a task whose few-shot prompts are too long (format at 3 shots) would
+    otherwise count at 0 shots and drop out at k."""
+    tasks, shots = _check_tasks(tasks, builtin.PRETRAIN_TASKS), list(shots)
     probes = [{**p, "shots": s} for t in tasks for s in shots for p in icl_probes(t, s, per_task, seed)]
     prompts = [_encode_prompt(tok, p["prompt"], raw=True) for p in probes]
     budget = max_new_tokens or _answer_budget(tok, [p["answer"] for p in probes])
@@ -159,8 +162,10 @@ def icl_accuracy(cfg: ModelConfig, params, tok, *, shots: Sequence[int] = (0, 1,
     per_group = collections.Counter((p["task"], p["shots"]) for p in probes)
     distinct = {key: len({p["prompt"] for p in probes if (p["task"], p["shots"]) == key}) for key in per_group}
     table = lambda f: {t: {s: f(t, s) for s in shots} for t in tasks}  # noqa: E731
+    pooled = [t for t in tasks if all(len(results[t, s]) == per_group[t, s] for s in shots)]
     return {
-        "by_shots": {s: _mean([ok for t in tasks for ok in results[t, s]]) for s in shots},
+        "by_shots": {s: _mean([ok for t in pooled for ok in results[t, s]]) for s in shots},
+        "pooled_tasks": pooled,
         "by_task": table(lambda t, s: _mean(results[t, s])),
         "evaluated": table(lambda t, s: len(results[t, s])),
         "skipped": table(lambda t, s: per_group[t, s] - len(results[t, s])),

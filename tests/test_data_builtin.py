@@ -1,5 +1,6 @@
 """The built-in world: scorers, held-out splits, formats of each view, preference verifiers."""
 
+import collections
 import json
 import random
 
@@ -21,7 +22,10 @@ def test_scorers_on_hand_checked_answers():
     assert score("format", q, '{"city": "Berlin", "age": 10, "name": "Alice"}')  # JSON equality
     assert not score("format", q, '{"name": "Alice", "age": "10", "city": "Berlin"}')
     assert not score("format", q, "name: Alice")
-    for task, gen in builtin.TASKS.items():  # every generated answer passes its own scorer
+    assert score("double", "7", "14") and not score("double", "7", "49")
+    assert score("translate_fr", "Auto", "voiture") and not score("translate_fr", "Auto", "car")
+    assert set(builtin.PRETRAIN_TASKS) == set(builtin.TASKS) | set(builtin.ICL_ONLY_TASKS)
+    for task, gen in builtin.PRETRAIN_TASKS.items():  # every generated answer passes its own scorer
         rng = random.Random(task)
         assert all(score(task, *gen(rng)) for _ in range(200)), task
 
@@ -61,6 +65,20 @@ def test_pretraining_splits_share_no_item_or_prompt():
     train_prompts = {d for d in train}
     assert not any(p["prompt"] + f" {p['answer']}\n" in train_prompts for p in probes)
     assert all(builtin.score("translate", p["query"], p["answer"]) for p in probes)
+
+
+def test_rules_sharing_queries_are_in_pretraining_but_not_in_sft():
+    docs = builtin.pretrain_documents(0, 900)
+    first = collections.Counter()
+    for d in docs:
+        q, a = _lines(d)[0]
+        if q in builtin.GERMAN_FRENCH:
+            first["fr" if a == builtin.GERMAN_FRENCH[q] != builtin.GERMAN_ENGLISH[q] else "other"] += 1
+    assert first["fr"] > 40 and first["other"] > 40  # both tables over the same German words
+    # the same queries: every French query is a German word of the English table
+    assert set(builtin.GERMAN_FRENCH) == set(builtin.GERMAN_ENGLISH)
+    rng = random.Random(0)
+    assert {builtin.sft_record(rng, "train")["task"] for _ in range(500)} == set(builtin.TASKS)
 
 
 def test_pretraining_never_shows_the_instruction_format():

@@ -45,6 +45,18 @@ def solve(query: str) -> tuple[str, str]:
     return "copy", " ".join(xs[len(xs) - period:period])
 
 
+def rule_from_shots(text: str, task: str, query: str, answer: str) -> tuple[str, str]:
+    """French instead of English, double instead of square, when the first shot that
+    tells them apart says so; with no such shot, English and square."""
+    for line in text.split("\n")[:-1]:
+        q, a = line.split(" -> ")
+        if task == "translate" and builtin.GERMAN_FRENCH[q] != builtin.GERMAN_ENGLISH[q]:
+            return ("translate_fr", builtin.GERMAN_FRENCH[query]) if a == builtin.GERMAN_FRENCH[q] else (task, answer)
+        if task == "square" and int(q) ** 2 != 2 * int(q):
+            return ("double", str(2 * int(query))) if a == str(2 * int(q)) else (task, answer)
+    return task, answer
+
+
 INSTRUCTION_FORMS = [("square", "What is ", " squared?"), ("add", "What is ", "?"),
                      ("copy", "Continue the pattern: ", ""), ("sort", "Sort these numbers: ", ""),
                      ("reverse", "Reverse: ", ""), ("translate", "Translate ", " from German to English."),
@@ -76,6 +88,8 @@ def scripted(calls=None):
                 assert p[:2] == [TOK.bos_id, TOK.prompt_id] and p[-1] == TOK.response_id
                 query = instruction_query(text)
             task, answer = solve(query)
+            if raw:  # a rule that shares its queries with another: the shots say which
+                task, answer = rule_from_shots(text, task, query, answer)
             if params == "wrong" or (params == "right-with-shots" and "\n" not in text):
                 answer = preferences.wrong_answer(random.Random(text), task, query, answer)
             ids = TOK.encode(" " + answer + "\nKatze -> cat\n") if raw else TOK.encode(answer)
@@ -98,7 +112,7 @@ def test_solver_agrees_with_the_generators():
 
 def test_icl_accuracy_of_scripted_models():
     calls = []
-    kw = dict(shots=(0, 1, 3), per_task=5, batch_size=16, generate_fn=scripted(calls))
+    kw = dict(shots=(0, 1, 3), per_task=5, batch_size=16, generate_fn=scripted(calls), tasks=tuple(builtin.TASKS))
     right = evals.icl_accuracy(BIG, "right", TOK, **kw)
     assert right["by_shots"] == {0: 1.0, 1: 1.0, 3: 1.0}
     assert all(v == 1.0 for row in right["by_task"].values() for v in row.values())
@@ -112,12 +126,34 @@ def test_icl_accuracy_of_scripted_models():
     assert len(shots["samples"]) == 21 and not shots["samples"][0]["correct"]
 
 
+def test_rules_that_share_queries_are_told_apart_by_the_shots():
+    # The scripted model reads the rule from the shots and says English / square
+    # without them: at 0 shots it is right on French or double only where the two
+    # rules give the same answer (Tisch -> table; 0 and 2).
+    out = evals.icl_accuracy(BIG, "right", TOK, shots=(0, 1, 3), per_task=8, seed=5,
+                             tasks=("double", "square", "translate", "translate_fr"), generate_fn=scripted())
+    assert out["by_task"]["translate"] == out["by_task"]["square"] == {0: 1.0, 1: 1.0, 3: 1.0}
+    same = {"translate_fr": lambda q: builtin.GERMAN_FRENCH[q] == builtin.GERMAN_ENGLISH[q],
+            "double": lambda q: int(q) ** 2 == 2 * int(q)}
+    for task, coincide in same.items():
+        for shots in (0, 1, 3):
+            probes = evals.icl_probes(task, shots, 8, seed=5)
+            # told apart: some shot's two rules differ (that shot then names the rule)
+            told = [any(not coincide(line.split(" -> ")[0]) for line in p["prompt"].split("\n")[:-1])
+                    or coincide(p["query"]) for p in probes]
+            assert out["by_task"][task][shots] == np.mean(told), (task, shots)
+        assert out["by_task"][task][0] < 1.0  # the held-out 0-shot prompts are not all coincidences
+    assert out["by_shots"][0] < out["by_shots"][1]
+    assert out["pooled_tasks"] == ["double", "square", "translate", "translate_fr"]
+
+
 def test_probes_that_do_not_fit_are_skipped_and_counted():
     cfg = ModelConfig(vocab_size=TOK.vocab_size, max_len=120)  # 0-shot format fits, 3-shot (~280) does not
     out = evals.icl_accuracy(cfg, "right", TOK, shots=(0, 3), per_task=4, tasks=("format",),
                              generate_fn=scripted())
     assert out["by_task"] == {"format": {0: 1.0, 3: None}}
-    assert out["skipped"] == {"format": {0: 0, 3: 4}} and out["by_shots"] == {0: 1.0, 3: None}
+    assert out["skipped"] == {"format": {0: 0, 3: 4}}
+    assert out["by_shots"] == {0: None, 3: None} and out["pooled_tasks"] == []  # not scored at every shot count
 
 
 def test_instruction_accuracy_of_scripted_models():

@@ -9,6 +9,11 @@ views of the same tasks feed the stages:
   by picking up the pattern in context (seed 000: "A B C ... A B -> C"). The
   instruction format never appears in pretraining text, so a base model
   continues text rather than following instructions (seed 000's point).
+  Pretraining also has two rules that share another task's queries
+  (`ICL_ONLY_TASKS`: German -> French beside German -> English, x -> 2x beside
+  x -> x^2), so a bare `Auto ->` or `7 ->` does not say which rule is asked and
+  only the shots do: what in-context learning is (seed 004). Without them
+  every query names its task by its shape, and shots could add nothing.
 * SFT (`sft_record`): the same items as instructions,
   "Translate Blume from German to English." -> "flower".
 * preferences (`llm_jax.data.preferences`): correct vs wrong, polite vs blunt,
@@ -19,8 +24,8 @@ A key is hashed into a bucket (`bucket`, 10% eval):
 * open tasks (copy, sort, reverse, format, add) hash `task|query`: an eval
   query never appears anywhere in training, neither as a query nor as a shot,
   neither in pretraining nor in SFT;
-* closed tasks (translate, square) have a small fixed table that the model can
-  only know from pretraining (26 German words, 21 squares). Holding out words
+* closed tasks (translate, translate_fr, square, double) have a small fixed
+  table that the model can only know from pretraining (26 German words, 21 numbers). Holding out words
   would make them unknowable, so in-context evaluation holds out *prompts*:
   the whole combination (which shots, in which order, and which query) is
   hashed, and an eval prompt is never a training document. The words are
@@ -44,6 +49,16 @@ GERMAN_ENGLISH = {
     "Stuhl": "chair", "Sonne": "sun", "Mond": "moon", "Vogel": "bird", "Fisch": "fish",
     "Auto": "car", "Schule": "school", "Tür": "door", "Garten": "garden",
     "Käse": "cheese", "Stern": "star", "Berg": "mountain", "Fluss": "river",
+}
+# The same German words in French (seed 004's "Translate English to French"): a
+# second table over the same queries, so `Auto ->` alone does not say which is asked.
+GERMAN_FRENCH = {
+    "Milch": "lait", "Butter": "beurre", "Fenster": "fenêtre", "Blume": "fleur",
+    "Katze": "chat", "Hund": "chien", "Haus": "maison", "Baum": "arbre", "Buch": "livre",
+    "Wasser": "eau", "Brot": "pain", "Apfel": "pomme", "Tisch": "table",
+    "Stuhl": "chaise", "Sonne": "soleil", "Mond": "lune", "Vogel": "oiseau", "Fisch": "poisson",
+    "Auto": "voiture", "Schule": "école", "Tür": "porte", "Garten": "jardin",
+    "Käse": "fromage", "Stern": "étoile", "Berg": "montagne", "Fluss": "rivière",
 }
 NAMES = ("Alice", "Bob", "Clara", "David", "Emma", "Felix", "Greta", "Hans", "Ida", "Jonas")
 CITIES = ("Berlin", "Munich", "Hamburg", "Cologne", "Vienna", "Zurich", "Bremen", "Dresden")
@@ -81,9 +96,19 @@ def format_item(rng: random.Random) -> tuple[str, str]:
     return query, json.dumps(rec)
 
 
+def translate_fr_item(rng: random.Random) -> tuple[str, str]:
+    german = rng.choice(sorted(GERMAN_FRENCH))
+    return german, GERMAN_FRENCH[german]
+
+
 def square_item(rng: random.Random) -> tuple[str, str]:
     x = rng.randint(0, 20)
     return str(x), str(x * x)
+
+
+def double_item(rng: random.Random) -> tuple[str, str]:
+    x = rng.randint(0, 20)  # the same queries as square: `7 ->` is 49 or 14, the shots say which
+    return str(x), str(2 * x)
 
 
 def add_item(rng: random.Random) -> tuple[str, str]:
@@ -95,7 +120,13 @@ TASKS = {
     "copy": copy_item, "sort": sort_item, "reverse": reverse_item, "translate": translate_item,
     "format": format_item, "square": square_item, "add": add_item,
 }
-CLOSED_TASKS = frozenset({"translate", "square"})  # held out by prompt, not by query (see above)
+# Pretraining-only tasks: rules whose queries are another task's queries, so only
+# the shots tell which rule a document follows (in-context learning proper: at 0
+# shots `Auto ->` is English or French, `7 ->` a square or a double). They have no
+# instruction; SFT, preferences and their evaluations use TASKS.
+ICL_ONLY_TASKS = {"translate_fr": translate_fr_item, "double": double_item}
+PRETRAIN_TASKS = {**TASKS, **ICL_ONLY_TASKS}
+CLOSED_TASKS = frozenset({"translate", "translate_fr", "square", "double"})  # held out by prompt (see above)
 
 
 # ---------------------------------------------------------------------------
@@ -137,8 +168,10 @@ SCORERS = {
     "sort": _sort_ok,  # verifier: sorted and a permutation of the query
     "reverse": lambda q, r: r.split() == q.split()[::-1],
     "translate": lambda q, r: r.strip().lower() == GERMAN_ENGLISH.get(q, "\0"),
+    "translate_fr": lambda q, r: r.strip().lower() == GERMAN_FRENCH.get(q, "\0"),
     "format": _json_equal,  # JSON equality, not string equality
     "square": lambda q, r: _int_ok(int(q) ** 2, r),
+    "double": lambda q, r: _int_ok(2 * int(q), r),
     "add": lambda q, r: _int_ok(sum(int(x) for x in q.split(" + ")), r),
 }
 
@@ -165,7 +198,7 @@ def item_key(task: str, query: str) -> str:
 def draw_item(rng: random.Random, task: str, split: str | None) -> tuple[str, str]:
     """An item of `task` whose (task, query) falls in `split` (None: any)."""
     while True:
-        q, a = TASKS[task](rng)
+        q, a = PRETRAIN_TASKS[task](rng)
         if split is None or bucket(item_key(task, q)) == split:
             return q, a
 
@@ -178,7 +211,7 @@ def draw_document(rng: random.Random, task: str, shots: int, split: str | None) 
     if task not in CLOSED_TASKS:
         return [draw_item(rng, task, split) for _ in range(shots)]
     while True:
-        items = [TASKS[task](rng) for _ in range(shots)]
+        items = [PRETRAIN_TASKS[task](rng) for _ in range(shots)]
         if split is None or bucket(f"{task}|prompt|" + render(items)) == split:
             return items
 
@@ -197,7 +230,7 @@ def pretrain_documents(seed: int, count: int, min_shots: int = 2, max_shots: int
                        split: str | None = "train", tasks: tuple[str, ...] | None = None) -> list[str]:
     """The pretraining mixture: few-shot documents of every task, in a seeded order."""
     rng = random.Random(seed)
-    names = sorted(tasks or TASKS)
+    names = sorted(tasks or PRETRAIN_TASKS)
     return [few_shot_document(rng, rng.choice(names), rng.randint(min_shots, max_shots), split)
             for _ in range(count)]
 
@@ -256,5 +289,5 @@ def sft_record(rng: random.Random, split: str, tasks: tuple[str, ...] | None = N
 
 
 def pretrain_record(rng: random.Random, split: str, tasks: tuple[str, ...] | None = None) -> dict:
-    task = rng.choice(sorted(tasks or TASKS))
+    task = rng.choice(sorted(tasks or PRETRAIN_TASKS))
     return {"text": few_shot_document(rng, task, rng.randint(2, 6), split), "task": task}

@@ -84,7 +84,7 @@ def _open_builtin(spec: str, split: str, size: int, seed: int) -> Source:
     if name not in BUILTIN_KINDS:
         raise DataError(f"builtin:{spec}: unknown built-in source {name!r}; known: {sorted(BUILTIN_KINDS)}")
     known = {"preferences": preferences.PREFERENCE_KINDS,
-             "classify": classify.CLASSES}.get(name, tuple(builtin.TASKS))
+             "classify": classify.CLASSES, "pretrain": tuple(builtin.PRETRAIN_TASKS)}.get(name, tuple(builtin.TASKS))
     parts = tuple(p for p in subset.split(",") if p) or None
     for p in parts or ():
         if p not in known:
