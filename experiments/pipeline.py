@@ -107,6 +107,7 @@ class EvalConfig:
     shots: int = 3  # in-context accuracy at 0, 1 and this many shots
     icl_per_task: int = 16
     instruction_per_task: int = 16
+    rm_pairs: int = 300  # held-out pairs for the reward model's accuracy by kind and task
     win_prompts: int = 96  # held-out preference prompts for the win rates
     max_new_tokens: int = 64  # response length for the win rates
     kl_budget: float = 8.0  # nats of KL(policy || SFT) per response that PPO/DPO may spend
@@ -226,10 +227,16 @@ def run_rm(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     if not summary["finished"]:
         return None
     after = rm_accuracy(cfg, state.params, tok, mesh)
+    # Which pairs it gets wrong: a second, separately drawn held-out sample, scored pair by pair.
+    by_kind = evals.pairwise_accuracy_by_kind(cfg.model, runner.host_params(state.params), tok,
+                                              evals.preference_records(cfg.eval.rm_pairs, seed=cfg.eval.seed))
     result = {"steps": cfg.rm.train.steps, "train_seconds": summary["seconds"],
-              "pairwise_accuracy_before": before, "pairwise_accuracy_after": after}
+              "pairwise_accuracy_before": before, "pairwise_accuracy_after": after, "breakdown": by_kind}
     runner.record(stage_dir, result)
     say(f"rm: held-out pairwise accuracy {before:.3f} (fresh head) -> {after:.3f}")  # 0.899 is not 0.90
+    say(f"rm: on {by_kind['pairs']} more held-out pairs {by_kind['accuracy']:.3f}; by kind "
+        + ", ".join(f"{k} {v:.2f}" for k, v in by_kind["by_kind"].items()) + "; correct-vs-wrong by task "
+        + ", ".join(f"{k} {v:.2f}" for k, v in by_kind["by_task"].items()))
     return result
 
 

@@ -282,6 +282,46 @@ def preference_prompts(n: int, *, seed: int = 0, kinds: Sequence[str] | None = N
     return [preferences.preference_record(rng, "eval", kinds)["prompt"] for _ in range(n)]
 
 
+def preference_records(n: int, *, seed: int = 0) -> list[dict]:
+    """`n` held-out preference pairs (`preferences.preference_record`, split "eval")."""
+    rng = random.Random(f"preference-pairs|{seed}")
+    return [preferences.preference_record(rng, "eval") for _ in range(n)]
+
+
+def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Sequence[dict],
+                              batch_size: int = 64) -> dict:
+    """A reward model's pairwise accuracy (r(chosen) > r(rejected)) on preference
+    records, overall, per kind (correct / polite / plain) and per task of the
+    "correct" pairs: {"accuracy", "pairs", "skipped", "by_kind", "by_task",
+    "pairs_by_kind"}. Each response is scored alone by `reward.score_sequences`
+    (the value at its last token, as trained); a pair longer than model.max_len is
+    skipped and counted."""
+    from llm_jax.stages import reward  # the stage imports nothing from here; keep evals light to import
+
+    if not records:
+        raise ValueError("pairwise_accuracy_by_kind: no records")
+    pairs = [[formats.prompt_tokens(tok, r["prompt"]) + tok.encode(r[side]) for side in ("chosen", "rejected")]
+             for r in records]
+    fits = [max(map(len, p)) <= cfg.max_len for p in pairs]
+    skipped = len(records) - sum(fits)
+    records = [r for r, ok in zip(records, fits) if ok]
+    if not records:
+        raise ValueError(f"pairwise_accuracy_by_kind: no pair fits model.max_len={cfg.max_len}")
+    seqs = [s for p, ok in zip(pairs, fits) if ok for s in p]
+    scores = np.concatenate([np.asarray(reward.score_sequences(cfg, reward_params, seqs[i:i + batch_size]))
+                             for i in range(0, len(seqs), batch_size)])
+    right = scores[0::2] > scores[1::2]
+    groups: dict[str, dict[str, list[bool]]] = {"by_kind": collections.defaultdict(list),
+                                                "by_task": collections.defaultdict(list)}
+    for r, ok in zip(records, right):
+        groups["by_kind"][r["kind"]].append(bool(ok))
+        if r["kind"] == "correct":
+            groups["by_task"][r["task"]].append(bool(ok))
+    return {"accuracy": float(right.mean()), "pairs": len(records), "skipped": skipped,
+            **{g: {k: _mean(v) for k, v in sorted(d.items())} for g, d in groups.items()},
+            "pairs_by_kind": {k: len(v) for k, v in sorted(groups["by_kind"].items())}}
+
+
 # ---------------------------------------------------------------------------
 # Policy vs base: win rate and KL
 

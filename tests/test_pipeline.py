@@ -16,7 +16,7 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_
         "ppo.ppo.minibatches=2",
         "dpo.train.steps=2", "dpo.train.batch_size=8", "dpo.train.seq_len=64", "dpo.data.size=200",
         "eval.icl_per_task=1", "eval.instruction_per_task=1", "eval.win_prompts=4", "eval.max_new_tokens=8",
-        "eval.shots=1"]
+        "eval.shots=1", "eval.rm_pairs=8"]
 
 
 def test_pipeline_smoke(tmp_path, capsys):
@@ -31,6 +31,8 @@ def test_pipeline_smoke(tmp_path, capsys):
         assert os.listdir(os.path.join(workdir, stage, "tensorboard")), stage
     ppo_ev = json.load(open(os.path.join(workdir, "ppo", "eval.json")))
     assert 0.0 <= ppo_ev["win_rate"] <= 1.0 and ppo_ev["kl_to_base"] is not None
+    rm_ev = json.load(open(os.path.join(workdir, "rm", "eval.json")))
+    assert rm_ev["breakdown"]["pairs"] + rm_ev["breakdown"]["skipped"] == 8
     report = open(os.path.join(workdir, "report.md")).read()
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
         assert f"| {stage} |" in report, stage

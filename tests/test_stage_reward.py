@@ -6,6 +6,7 @@ state at its last token cannot see the padding after it. The head is applied
 in numpy. Packed batches and `score_sequences` must agree with it.
 """
 
+import dataclasses
 import random
 
 import jax
@@ -137,3 +138,28 @@ def test_training_on_builtin_preferences_beats_chance_on_held_out_pairs():
         state, metrics = step(state, sharding.shard_batch(next(loader), mesh))
     after = evaluate(state.params)
     assert after >= 0.7 and after > before + 0.2, (before, after)
+
+
+def test_pairwise_accuracy_by_kind_matches_each_pair_scored_alone(params):
+    from llm_jax import evals
+    from llm_jax.data import builtin
+
+    records = evals.preference_records(60, seed=3)
+    assert all(builtin.bucket(f"{r['kind']}|{r['prompt']}") == "eval" for r in records)
+    fits = lambda r: max(len(formats.prompt_tokens(TOK, r["prompt"]) + TOK.encode(r[f]))  # noqa: E731
+                         for f in ("chosen", "rejected")) <= SEQ
+    records = [r for r in records if fits(r)][:40]
+    got = evals.pairwise_accuracy_by_kind(CFG, params, TOK, records, batch_size=16)
+    full = lambda field: [formats.prompt_tokens(TOK, r["prompt"]) + TOK.encode(r[field]) for r in records]  # noqa: E731
+    right = reference_rewards(params, full("chosen")) > reference_rewards(params, full("rejected"))
+    assert 0.0 < right.mean() < 1.0  # a random head ranks some pairs right and some wrong
+    assert got["accuracy"] == pytest.approx(right.mean()) and got["pairs"] == 40 and got["skipped"] == 0
+    for kind in preferences.PREFERENCE_KINDS:
+        mine = [ok for r, ok in zip(records, right) if r["kind"] == kind]
+        assert got["by_kind"][kind] == pytest.approx(np.mean(mine)) and got["pairs_by_kind"][kind] == len(mine)
+    tasks = {r["task"] for r in records if r["kind"] == "correct"}
+    assert set(got["by_task"]) == tasks
+    short = evals.pairwise_accuracy_by_kind(dataclasses.replace(CFG, max_len=40), params, TOK, records)
+    assert short["skipped"] > 0 and short["pairs"] + short["skipped"] == 40
+    with pytest.raises(ValueError, match="no records"):
+        evals.pairwise_accuracy_by_kind(CFG, params, TOK, [])
