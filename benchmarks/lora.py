@@ -76,7 +76,7 @@ def contender(cfg, kind: str, targets, rank: int, batch, mesh):
         holder["state"], m = step(holder["state"], batch, frozen)
         return float(m["loss"])
     return run, {"temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
-                 "trainable": lora.count(trainable)}
+                 "trainable": model.count_params(trainable)}
 
 
 def measure(cfg: ModelConfig, rows: int, seq: int, rank: int, rounds: int) -> dict:

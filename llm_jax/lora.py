@@ -195,14 +195,9 @@ def attach(params: Params, adapters: Params, lora_cfg: LoRAConfig) -> Params:
     return {**params, "layers": layers}
 
 
-def count(tree: Params) -> int:
-    """Number of array elements in a tree (adapters, params, optimizer state)."""
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
-
-
 def summary(lora_cfg: LoRAConfig, adapters: Params, params: Params) -> dict:
     """What eval.json records: the adapter size next to the model's."""
-    n, m = count(adapters), count(params)
+    n, m = model.count_params(adapters), model.count_params(params)
     return {"rank": lora_cfg.rank, "alpha": lora_cfg.alpha, "targets": list(lora_cfg.targets),
             "adapter_params": n, "model_params": m, "adapter_fraction": n / m}
 

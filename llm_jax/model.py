@@ -103,6 +103,7 @@ def init(config: ModelConfig, rng: jax.Array) -> Params:
 
 
 def count_params(params: Params) -> int:
+    """Number of array elements in a tree (params, LoRA adapters, optimizer state)."""
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 

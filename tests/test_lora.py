@@ -144,7 +144,7 @@ def test_adapter_shapes_and_count_follow_the_weights():
         ab = adapters["layers"][GROUP[t]][t]
         assert ab["a"].shape == (2, MATRIX[t][0], 3) and ab["b"].shape == (2, 3, MATRIX[t][1]), t
         assert ab["a"].dtype == ab["b"].dtype == jnp.float32
-    assert lora.count(adapters) == 2 * 3 * sum(i + o for i, o in MATRIX.values())
+    assert model.count_params(adapters) == 2 * 3 * sum(i + o for i, o in MATRIX.values())
 
 
 def test_fresh_adapters_leave_the_model_exactly_as_it_was():
@@ -301,7 +301,7 @@ def test_optimizer_state_is_two_moments_of_the_adapters(layers, d_ff):
     tx, _ = train.make_optimizer(OptimizerConfig(), 10)
     state, _ = train.state_from_params(lora.init_adapters(lcfg, cfg, jax.random.PRNGKey(0)), tx, mesh1(), 0)
     n_adapters = layers * 4 * ((64 + 4 * 16) + (64 + 2 * 16))  # L r ((D + N H) + (D + G H))
-    assert lora.count(state.params) == n_adapters
+    assert model.count_params(state.params) == n_adapters
     leaves = jax.tree.leaves(state.opt_state)
     assert sum(x.size for x in leaves if x.ndim > 0) == 2 * n_adapters  # Adam's mu and nu
     assert sum(1 for x in leaves if x.ndim == 0) <= 4  # step counters only
@@ -362,7 +362,7 @@ def test_llama_sft_dpo_with_lora_smoke(tmp_path, capsys):
     for stage in ("sft", "dpo"):
         ckpt = os.path.join(workdir, stage, "checkpoints")
         got = checkpoint.load_params(ckpt, lora.abstract_adapters(lcfg, mcfg, mesh))
-        assert lora.count(got) == n_adapters
+        assert model.count_params(got) == n_adapters
         with pytest.raises(checkpoint.CheckpointError, match="missing from the checkpoint"):
             checkpoint.load_params(ckpt, like)
         # Generating from or exporting such a stage says why and what to use instead.
