@@ -143,15 +143,11 @@ def rope_frequencies(config: ModelConfig) -> jax.Array:
     return freqs
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0, *,
-           freqs: jax.Array | None = None) -> jax.Array:
+def rotary(x: jax.Array, positions: jax.Array, *, freqs: jax.Array) -> jax.Array:
     """Rotary position embedding (RoFormer), half-split layout as in Llama/HF.
 
-    x: [B, T, heads, H]; positions: [B, T]; freqs: [H/2] (`rope_frequencies`;
-    default theta^(-2i/H), plain RoPE)."""
+    x: [B, T, heads, H]; positions: [B, T]; freqs: [H/2] (`rope_frequencies`)."""
     half = x.shape[-1] // 2
-    if freqs is None:
-        freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [B, T, H/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]

@@ -241,7 +241,8 @@ def test_rotary_and_sinusoidal_building_blocks():
     rng = np.random.default_rng(5)
     x = rng.standard_normal((2, 3, 2, 8)).astype(np.float32)
     pos = np.array([[0, 1, 7], [4, 2, 11]])
-    got = np.asarray(jax.jit(model.rotary, static_argnums=2)(jnp.asarray(x), jnp.asarray(pos), 10_000.0))
+    freqs = (10_000.0 ** (-np.arange(4) / 4)).astype(np.float32)  # theta^(-2i/H), H = 8
+    got = np.asarray(jax.jit(model.rotary)(jnp.asarray(x), jnp.asarray(pos), freqs=jnp.asarray(freqs)))
     expected = np.zeros(x.shape)
     for b, t, n in np.ndindex(2, 3, 2):
         expected[b, t, n] = ref.rope(x[b, t, n].astype(np.float64), pos[b, t], 10_000.0)
