@@ -245,7 +245,7 @@ def family_of(cfg: ModelConfig) -> str:
 def config_to_hf(cfg: ModelConfig, family: str, tokenizer=None) -> dict:
     """The config.json dict of `cfg` as `family` (see `family_of`)."""
     specials = _special_ids(tokenizer)
-    dtype = {"float32": "float32", "bfloat16": "bfloat16"}[cfg.param_dtype]
+    dtype = cfg.param_dtype  # "float32" | "bfloat16" (ModelConfig validates it), as HF spells them
     if family == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
                 "n_positions": cfg.max_len, "n_embd": cfg.d_model, "n_layer": cfg.num_layers,
@@ -314,6 +314,13 @@ class _Reader:
         return np.stack([fn(self(pattern.format(i), shape)) for i in range(layers)])
 
 
+def _layer_norm(r: _Reader, name: str, size: int, layers: int = 0) -> Params:
+    """A LayerNorm's {"scale", "bias"} from tensors `name`.weight and `name`.bias;
+    with `layers` > 0, `name` holds "{}" for the layer index and each is stacked [L, size]."""
+    get = (lambda n: r.stack(n, layers, (size,))) if layers else (lambda n: r(n, (size,)))
+    return {"scale": get(name + ".weight"), "bias": get(name + ".bias")}
+
+
 def _gpt2_from_hf(r: _Reader, c: ModelConfig) -> Params:
     L, D, N, H, F = c.num_layers, c.d_model, c.num_heads, c.head_size, c.d_ff
     h = "h.{}."
@@ -322,14 +329,10 @@ def _gpt2_from_hf(r: _Reader, c: ModelConfig) -> Params:
     q, k, v = (qkv[:, :, i * D:(i + 1) * D].reshape(L, D, N, H) for i in range(3))
     qb, kb, vb = (qkv_b[:, i * D:(i + 1) * D].reshape(L, N, H) for i in range(3))
 
-    def ln(name, stacked=True):
-        get = (lambda n, s: r.stack(h + n, L, s)) if stacked else r
-        return {"scale": get(name + ".weight", (D,)), "bias": get(name + ".bias", (D,))}
-
     return {
         "embed": r("wte.weight", (c.vocab_size, D)), "pos_embed": r("wpe.weight", (c.max_len, D)),
         "layers": {
-            "attn_norm": ln("ln_1"), "mlp_norm": ln("ln_2"),
+            "attn_norm": _layer_norm(r, h + "ln_1", D, L), "mlp_norm": _layer_norm(r, h + "ln_2", D, L),
             "attn": {"q": q, "k": k, "v": v, "q_bias": qb, "k_bias": kb, "v_bias": vb,
                      "o": r.stack(h + "attn.c_proj.weight", L, (D, D)).reshape(L, N, H, D),
                      "o_bias": r.stack(h + "attn.c_proj.bias", L, (D,))},
@@ -337,7 +340,7 @@ def _gpt2_from_hf(r: _Reader, c: ModelConfig) -> Params:
                     "down": r.stack(h + "mlp.c_proj.weight", L, (F, D)),
                     "down_bias": r.stack(h + "mlp.c_proj.bias", L, (D,))},
         },
-        "final_norm": ln("ln_f", stacked=False),
+        "final_norm": _layer_norm(r, "ln_f", D),
     }
 
 
@@ -415,10 +418,6 @@ def _bert_from_hf(r: _Reader, c: ModelConfig, init_missing_head: bool) -> Params
         return (r.stack(h + name + ".weight", L, shape_out_in, fn),
                 r.stack(h + name + ".bias", L, (shape_out_in[0],)))
 
-    def ln(name, stacked=True):
-        get = (lambda n, s: r.stack(h + n, L, s)) if stacked else r
-        return {"scale": get(name + ".weight", (D,)), "bias": get(name + ".bias", (D,))}
-
     qkv = {x: dense(f"attention.self.{name}", (D, D), lambda w: w.T.reshape(D, N, H))
            for x, name in (("q", "query"), ("k", "key"), ("v", "value"))}
     o, o_bias = dense("attention.output.dense", (D, D), lambda w: w.T.reshape(N, H, D))
@@ -431,16 +430,16 @@ def _bert_from_hf(r: _Reader, c: ModelConfig, init_missing_head: bool) -> Params
         "embed": r("embeddings.word_embeddings.weight", (V, D)),
         "pos_embed": r("embeddings.position_embeddings.weight", (c.max_len, D)),
         "type_embed": r("embeddings.token_type_embeddings.weight", (c.type_vocab_size, D)),
-        "embed_norm": ln("embeddings.LayerNorm", stacked=False),
-        "layers": {"attn_norm": ln("attention.output.LayerNorm"), "mlp_norm": ln("output.LayerNorm"),
+        "embed_norm": _layer_norm(r, "embeddings.LayerNorm", D),
+        "layers": {"attn_norm": _layer_norm(r, h + "attention.output.LayerNorm", D, L),
+                   "mlp_norm": _layer_norm(r, h + "output.LayerNorm", D, L),
                    "attn": attn, "mlp": {"up": up, "up_bias": up_bias, "down": down, "down_bias": down_bias}},
     }
     t = "cls.predictions."
     if r.has(t + "transform.dense.weight"):
         params["lm_transform"] = {"kernel": r(t + "transform.dense.weight", (D, D)).T,
                                   "bias": r(t + "transform.dense.bias", (D,)),
-                                  "norm": {"scale": r(t + "transform.LayerNorm.weight", (D,)),
-                                           "bias": r(t + "transform.LayerNorm.bias", (D,))}}
+                                  "norm": _layer_norm(r, t + "transform.LayerNorm", D)}
         bias = t + "bias" if r.has(t + "bias") else t + "decoder.bias"
         params["lm_bias"] = r(bias, (V,))
     elif not init_missing_head:
