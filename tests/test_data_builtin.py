@@ -64,6 +64,11 @@ def test_pretraining_splits_share_no_item_or_prompt():
     assert all(p["query"] in builtin.GERMAN_ENGLISH for p in probes)
     train_prompts = {d for d in train}
     assert not any(p["prompt"] + f" {p['answer']}\n" in train_prompts for p in probes)
+    # nor the beginning of one, at any shot count (0 shots: `Auto ->` never opens a training document)
+    for task in sorted(builtin.CLOSED_TASKS):
+        for shots in (0, 1, 3):
+            for p in (builtin.icl_probe(rng, task, shots) for _ in range(30)):
+                assert not any(d.startswith(p["prompt"] + f" {p['answer']}\n") for d in train), (task, shots)
     assert all(builtin.score("translate", p["query"], p["answer"]) for p in probes)
 
 

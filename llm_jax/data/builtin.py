@@ -28,7 +28,8 @@ A key is hashed into a bucket (`bucket`, 10% eval):
   table that the model can only know from pretraining (26 German words, 21 numbers). Holding out words
   would make them unknowable, so in-context evaluation holds out *prompts*:
   the whole combination (which shots, in which order, and which query) is
-  hashed, and an eval prompt is never a training document. The words are
+  hashed, and an eval prompt is never a training document nor the beginning
+  of one (every prefix of a training document hashes to train). The words are
   shared. SFT instructions still hash `task|query`, so SFT evaluation asks for
   words (or squares) that SFT never trained on but pretraining showed: that is
   instruction following transferred to known facts.
@@ -205,15 +206,26 @@ def draw_item(rng: random.Random, task: str, split: str | None) -> tuple[str, st
 
 def draw_document(rng: random.Random, task: str, shots: int, split: str | None) -> list[tuple[str, str]]:
     """`shots` items of one task, every item (open tasks) or the whole prompt
-    (closed tasks) in `split`."""
+    (closed tasks; for "train" every prefix too) in `split`."""
     if split is not None and split not in SPLITS:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
     if task not in CLOSED_TASKS:
         return [draw_item(rng, task, split) for _ in range(shots)]
     while True:
         items = [PRETRAIN_TASKS[task](rng) for _ in range(shots)]
-        if split is None or bucket(f"{task}|prompt|" + render(items)) == split:
+        if split is None:
             return items
+        # A training document has no eval prompt as a prefix either: a 0-shot probe
+        # `Auto ->` (-> car) must not be how training documents begin.
+        keys = [prompt_key(task, items)] if split == "eval" else [prompt_key(task, items[:k])
+                                                                  for k in range(1, shots + 1)]
+        if all(bucket(k) == split for k in keys):
+            return items
+
+
+def prompt_key(task: str, items: list[tuple[str, str]]) -> str:
+    """The split key of a closed task's prompt (its lines, answers included)."""
+    return f"{task}|prompt|" + render(items)
 
 
 def render(items: list[tuple[str, str]]) -> str:
