@@ -38,7 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.sharding import constrain_activations, gather_embedding_table
 
 Params = dict[str, Any]
@@ -52,6 +52,10 @@ def init(config: ModelConfig, rng: jax.Array) -> Params:
     """Random params: N(0, init_std) matrices, output projections scaled by
     1/sqrt(2L) (GPT-2) so the residual stream's variance does not grow with depth."""
     config.validate()
+    if config.lm_head_transform and config.mlp not in ("gelu", "gelu_exact"):
+        raise ConfigError(f"model.lm_head_transform=True (BERT's head: dense + GELU + LayerNorm) takes its "
+                          f"GELU from model.mlp, which is {config.mlp!r}; set model.mlp='gelu' or 'gelu_exact', "
+                          "or lm_head_transform=False")
     c = config
     L, D, N, G, H, F, V = (c.num_layers, c.d_model, c.num_heads, c.kv_heads, c.head_size,
                            c.d_ff, c.vocab_size)
@@ -237,8 +241,14 @@ def _gelu_tanh_jvp(primals, tangents):
 
 
 def activation(config: ModelConfig, x: jax.Array) -> jax.Array:
-    """The GELU of a non-gated MLP: GPT-2's tanh form or BERT's exact (erf) form."""
-    return gelu_tanh(x) if config.mlp == "gelu" else jax.nn.gelu(x, approximate=False)
+    """The GELU of a non-gated MLP and of BERT's head transform: GPT-2's tanh form
+    (mlp="gelu") or BERT's exact (erf) form (mlp="gelu_exact")."""
+    if config.mlp == "gelu":
+        return gelu_tanh(x)
+    if config.mlp == "gelu_exact":
+        return jax.nn.gelu(x, approximate=False)
+    raise ValueError(f"model.mlp={config.mlp!r} has no single activation function (expected 'gelu' or "
+                     "'gelu_exact'; 'swiglu' is a gated MLP)")
 
 
 def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,

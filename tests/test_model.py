@@ -607,6 +607,22 @@ def test_config_validation_names_the_field(kwargs, field):
     assert issubclass(ConfigError, ValueError)
 
 
+def test_lm_head_transform_needs_a_gelu_mlp():
+    # BERT's head transform takes its GELU from model.mlp; a swiglu model has none
+    # to give, and used to get erf GELU silently.
+    with pytest.raises(ConfigError, match=r"lm_head_transform=True .* model.mlp, which is 'swiglu'"):
+        model.init(ModelConfig(mlp="swiglu", lm_head_transform=True), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"model.mlp='swiglu' has no single activation"):
+        model.activation(ModelConfig(mlp="swiglu"), jnp.ones(3))
+    x = np.linspace(-3.0, 3.0, 7)
+    erf_gelu = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
+    tanh_gelu = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    np.testing.assert_allclose(model.activation(ModelConfig(mlp="gelu_exact"), jnp.asarray(x, jnp.float32)),
+                               erf_gelu, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.activation(ModelConfig(mlp="gelu"), jnp.asarray(x, jnp.float32)),
+                               tanh_gelu, rtol=1e-5, atol=1e-6)
+
+
 def test_config_validation_accepts_valid_and_explicit_head_dim():
     assert ModelConfig(d_model=30, num_heads=4, head_dim=8).validate().head_size == 8
     assert ModelConfig(num_heads=4, num_kv_heads=None).kv_heads == 4
