@@ -340,7 +340,9 @@ def write_report(workdir: str, cfg: Config, results: dict) -> None:
             inside = "inside" if x["kl_to_base"] <= cfg.eval.kl_budget else "OUTSIDE"
             text.append(f"- {name}: win rate {x['win_rate']:.2f} against SFT (ties count half), KL to SFT "
                         f"{x['kl_to_base']:.2f} nats per response, {inside} the budget of {cfg.eval.kl_budget}.")
-    curves = report.plot_curves(workdir, [os.path.join(workdir, k) for k in ("pretrain", "sft", "rm", "ppo", "dpo")])
+    # Stage names, which plot_curves takes inside workdir: joining them with a relative
+    # workdir (runs/demo, the README's) would be joined again and find no metrics.
+    curves = report.plot_curves(workdir, ["pretrain", "sft", "rm", "ppo", "dpo"])
     report.write_report(workdir, rows, curves, sections={"Win rates": "\n".join(text)} if text else None)
 
 

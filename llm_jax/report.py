@@ -1,6 +1,6 @@
 """The run's summary: DIR/report.md with a results table, curves as PNGs, notes.
 
-    pngs = plot_curves(workdir, [os.path.join(workdir, s) for s in ("pretrain", "sft", "dpo")])
+    pngs = plot_curves(workdir, ["pretrain", "sft", "dpo"])  # stage dirs, inside workdir
     write_report(workdir, rows, pngs, sections={"Notes": "..."})
 
 where a row is {"stage": "sft", "metric": "instruction accuracy", "before": 0.02,
@@ -147,11 +147,14 @@ def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
 
     `stage_dirs` are stage directories (relative ones are taken inside `workdir`);
     the stage's name is the directory's base name. A figure with nothing to show
-    is not written. Only the primary process writes.
+    is not written. Only the primary process writes. The returned paths are absolute.
     """
     from llm_jax.rundir import is_primary
     if not is_primary():
         return []
+    # Absolute paths out: write_report takes a relative image path inside workdir,
+    # so a relative workdir joined in here would be joined twice there (and not linked).
+    workdir = os.path.abspath(workdir)
     stages = []
     for d in stage_dirs:
         d = d if os.path.isabs(d) else os.path.join(workdir, d)

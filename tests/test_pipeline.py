@@ -19,8 +19,9 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_
         "eval.shots=1", "eval.rm_pairs=8"]
 
 
-def test_pipeline_smoke(tmp_path, capsys):
-    workdir = str(tmp_path / "run")
+def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    workdir = "run"  # relative, as in the README's quick start (runs/demo): the curves were once lost there
     argv = ["--workdir", workdir] + [x for s in TINY for x in ("--set", s)]
     assert pipeline.main(argv) == 0
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
@@ -36,7 +37,8 @@ def test_pipeline_smoke(tmp_path, capsys):
     report = open(os.path.join(workdir, "report.md")).read()
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
         assert f"| {stage} |" in report, stage
-    assert os.path.exists(os.path.join(workdir, "loss.png"))
+    for png in ("loss.png", "ppo.png", "dpo.png"):
+        assert os.path.exists(os.path.join(workdir, png)) and f"]({png})" in report, png
     capsys.readouterr()
     # A rerun finds every stage finished and trains nothing.
     assert pipeline.main(argv) == 0
