@@ -156,7 +156,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
     ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
                         keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     abstract = abstract_like(state, shardings)
-    guard = SpikeGuard(cfg.spike_factor, cfg.spike_min_increase, cfg.spike_window, cfg.max_rollbacks, cfg.rollback_window)
+    guard = SpikeGuard(cfg.spike_factor, cfg.spike_min_increase, cfg.spike_window, cfg.max_rollbacks,
+                       cfg.rollback_window)
     log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
 
     def restore() -> tuple[int, Any]:

@@ -86,9 +86,13 @@ def reverse_item(rng: random.Random) -> tuple[str, str]:
     return " ".join(xs), " ".join(reversed(xs))
 
 
+def _word_item(table: dict[str, str], rng: random.Random) -> tuple[str, str]:
+    german = rng.choice(sorted(table))
+    return german, table[german]
+
+
 def translate_item(rng: random.Random) -> tuple[str, str]:
-    german = rng.choice(sorted(GERMAN_ENGLISH))
-    return german, GERMAN_ENGLISH[german]
+    return _word_item(GERMAN_ENGLISH, rng)
 
 
 def format_item(rng: random.Random) -> tuple[str, str]:
@@ -98,8 +102,7 @@ def format_item(rng: random.Random) -> tuple[str, str]:
 
 
 def translate_fr_item(rng: random.Random) -> tuple[str, str]:
-    german = rng.choice(sorted(GERMAN_FRENCH))
-    return german, GERMAN_FRENCH[german]
+    return _word_item(GERMAN_FRENCH, rng)
 
 
 def square_item(rng: random.Random) -> tuple[str, str]:
@@ -155,6 +158,10 @@ def _int_ok(value: int, response: str) -> bool:
         return False
 
 
+def _word_ok(table: dict[str, str], query: str, response: str) -> bool:
+    return response.strip().lower() == table.get(query, "\0")
+
+
 def _copy_ok(query: str, response: str) -> bool:
     # the answer is the rest of the pattern: the first repeat of the opening letter marks its period
     xs = query.split()
@@ -168,8 +175,8 @@ SCORERS = {
     "copy": _copy_ok,
     "sort": _sort_ok,  # verifier: sorted and a permutation of the query
     "reverse": lambda q, r: r.split() == q.split()[::-1],
-    "translate": lambda q, r: r.strip().lower() == GERMAN_ENGLISH.get(q, "\0"),
-    "translate_fr": lambda q, r: r.strip().lower() == GERMAN_FRENCH.get(q, "\0"),
+    "translate": lambda q, r: _word_ok(GERMAN_ENGLISH, q, r),
+    "translate_fr": lambda q, r: _word_ok(GERMAN_FRENCH, q, r),
     "format": _json_equal,  # JSON equality, not string equality
     "square": lambda q, r: _int_ok(int(q) ** 2, r),
     "double": lambda q, r: _int_ok(2 * int(q), r),
