@@ -120,6 +120,18 @@ def test_preferences_every_kind_verifies_and_splits():
     assert len(polite["chosen"]) > len(polite["rejected"])
 
 
+def test_training_pairs_never_reject_a_held_out_answer():
+    """A training pair's wrong translation is a word some training pair prefers: a
+    held-out prompt's answer (Auto -> car) never reaches the reward model as rejected only."""
+    train = [r for r in open_source("builtin:preferences", split="train", size=3000).records
+             if r["kind"] == "correct" and r["task"] == "translate"]
+    split = {e: builtin.bucket(f"correct|Translate {g} from German to English.")
+             for g, e in builtin.GERMAN_ENGLISH.items()}
+    assert "eval" in split.values() and len(train) > 50
+    assert {split[r["chosen"]] for r in train} == {"train"}
+    assert {split[r["rejected"]] for r in train} == {"train"}
+
+
 def test_chat_mixes_instructions_with_good_and_bad_demonstrations():
     """builtin:chat: CHAT_INSTRUCTION_SHARE instructions (always answered right), the rest requests,
     thanks and questions answered with the preferred or the dispreferred response

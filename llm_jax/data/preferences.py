@@ -57,11 +57,27 @@ JARGON_MARKERS = ("leverag", "paradigm", "artefact", "synerg", "modality", "orch
                   "ecosystem", "heuristic", "amortiz", "quantification", "credential", "-")
 
 
-def wrong_answer(rng: random.Random, task: str, query: str, answer: str) -> str:
-    """A plausible answer that the task's scorer rejects."""
+def correct_split(task: str, query: str) -> str:
+    """The split of a correct-vs-wrong pair on `query` (its prompt is the key)."""
+    return builtin.bucket(f"correct|{builtin.instruction(task, query)}")
+
+
+# The English words that a training pair may offer as a wrong translation: only those
+# that some training pair also prefers. Drawn from all 26, the held-out prompts' answers
+# (car, butter, ...) reached the reward model only as *rejected* responses to other
+# prompts, so it learned those words are bad answers and scored 0.10 on held-out
+# translate pairs (measured 2026-12-02).
+TRAIN_TRANSLATIONS = tuple(sorted(e for g, e in builtin.GERMAN_ENGLISH.items()
+                                  if correct_split("translate", g) == "train"))
+
+
+def wrong_answer(rng: random.Random, task: str, query: str, answer: str, split: str | None = None) -> str:
+    """A plausible answer that the task's scorer rejects. For a "train" pair a wrong
+    translation is one of TRAIN_TRANSLATIONS, never a held-out prompt's answer."""
+    words = TRAIN_TRANSLATIONS if split == "train" else builtin.GERMAN_ENGLISH.values()
     while True:
         if task == "translate":
-            wrong = rng.choice(sorted(set(builtin.GERMAN_ENGLISH.values()) - {answer}))
+            wrong = rng.choice(sorted(set(words) - {answer}))
         elif task in ("square", "add"):
             wrong = str(int(answer) + rng.choice((-2, -1, 1, 2, 10)))
         elif task == "format":
@@ -81,12 +97,12 @@ def wrong_answer(rng: random.Random, task: str, query: str, answer: str) -> str:
             return wrong
 
 
-def _draw(rng: random.Random, kind: str) -> dict:
+def _draw(rng: random.Random, kind: str, split: str) -> dict:
     if kind == "correct":
         task = rng.choice(sorted(builtin.TASKS))
         q, a = builtin.TASKS[task](rng)
         return {"prompt": builtin.instruction(task, q), "chosen": a,
-                "rejected": wrong_answer(rng, task, q, a), "task": task, "query": q}
+                "rejected": wrong_answer(rng, task, q, a, split), "task": task, "query": q}
     if kind == "polite":
         if rng.random() < 0.5:
             r = rng.choice(REQUESTS)
@@ -103,7 +119,7 @@ def preference_record(rng: random.Random, split: str, kinds: tuple[str, ...] | N
     """One pair of a random kind whose `kind|prompt` falls in `split`."""
     kind = rng.choice(sorted(kinds or PREFERENCE_KINDS))
     while True:
-        rec = _draw(rng, kind)
+        rec = _draw(rng, kind, split)
         if builtin.bucket(f"{kind}|{rec['prompt']}") == split:
             return {**rec, "kind": kind}
 
