@@ -57,9 +57,9 @@ JARGON_MARKERS = ("leverag", "paradigm", "artefact", "synerg", "modality", "orch
                   "ecosystem", "heuristic", "amortiz", "quantification", "credential", "-")
 
 
-def correct_split(task: str, query: str) -> str:
-    """The split of a correct-vs-wrong pair on `query` (its prompt is the key)."""
-    return builtin.bucket(f"correct|{builtin.instruction(task, query)}")
+def pair_split(kind: str, prompt: str) -> str:
+    """The split of a pair: its kind and prompt are the key (`builtin.bucket`)."""
+    return builtin.bucket(f"{kind}|{prompt}")
 
 
 # The English words that a training pair may offer as a wrong translation: only those
@@ -68,7 +68,7 @@ def correct_split(task: str, query: str) -> str:
 # prompts, so it learned those words are bad answers and scored 0.10 on held-out
 # translate pairs (measured 2026-12-02).
 TRAIN_TRANSLATIONS = tuple(sorted(e for g, e in builtin.GERMAN_ENGLISH.items()
-                                  if correct_split("translate", g) == "train"))
+                                  if pair_split("correct", builtin.instruction("translate", g)) == "train"))
 
 
 def wrong_answer(rng: random.Random, task: str, query: str, answer: str, split: str | None = None) -> str:
@@ -120,7 +120,7 @@ def preference_record(rng: random.Random, split: str, kinds: tuple[str, ...] | N
     kind = rng.choice(sorted(kinds or PREFERENCE_KINDS))
     while True:
         rec = _draw(rng, kind, split)
-        if builtin.bucket(f"{kind}|{rec['prompt']}") == split:
+        if pair_split(kind, rec["prompt"]) == split:
             return {**rec, "kind": kind}
 
 
