@@ -132,6 +132,24 @@ def test_training_pairs_never_reject_a_held_out_answer():
     assert {split[r["rejected"]] for r in train} == {"train"}
 
 
+def test_held_out_questions_ask_about_a_concept_that_training_asks_in_many_wordings():
+    """An eval "explain" prompt is a new wording of a concept that training asks in at
+    least 8 other wordings, so answering it means reading the concept, not recalling
+    the whole prompt (with 4 wordings the SFT model answered held-out ones with another
+    concept's sentence or with noise)."""
+    wordings = collections.defaultdict(set)
+    held_out = []
+    for c in preferences.CONCEPTS:
+        for e in preferences.EXPLAIN:
+            prompt = e.format(c=c)
+            if preferences.pair_split("plain", prompt) == "train":
+                wordings[c].add(e)
+            else:
+                held_out.append(c)
+    assert held_out
+    assert all(len(wordings[c]) >= 8 for c in held_out), {c: len(wordings[c]) for c in held_out}
+
+
 def test_chat_mixes_instructions_with_good_and_bad_demonstrations():
     """builtin:chat: CHAT_INSTRUCTION_SHARE instructions (always answered right), the rest requests,
     thanks and questions answered with the preferred or the dispreferred response

@@ -50,8 +50,14 @@ CONCEPTS = {  # concept -> (plain, jargon)
     "thermometer": ("A thermometer shows how warm or cold something is.",
                     "A thermometer is a thermal-state quantification instrumentation modality."),
 }
+# Twelve wordings: a held-out prompt is a new wording of a concept that training asks in
+# the others. With four, the SFT model had learned whole prompts: "In one sentence, what is
+# a cache?" (held out) got the battery's jargon or noise, 0.13 of held-out questions were
+# answered plainly and on topic, and DPO lowered that to 0.04; with twelve 0.65 (2026-12-03).
 EXPLAIN = ("Explain what a {c} is.", "What is a {c}?", "Tell me briefly what a {c} is.",
-           "In one sentence, what is a {c}?")
+           "In one sentence, what is a {c}?", "What does a {c} do?", "Can you explain what a {c} is?",
+           "Describe a {c}.", "Define a {c}.", "I'd like to know what a {c} is.", "Please explain a {c}.",
+           "What exactly is a {c}?", "Tell me what a {c} is.")
 POLITE_MARKERS = ("sorry", "thank", "welcome", "pleasure", "glad", "happy", "please", "afraid")
 JARGON_MARKERS = ("leverag", "paradigm", "artefact", "synerg", "modality", "orchestration",
                   "ecosystem", "heuristic", "amortiz", "quantification", "credential", "-")
