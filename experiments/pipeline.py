@@ -78,6 +78,10 @@ class RMStage:
                                      spike_factor=0.0)
     data: DataConfig = DataConfig(source="builtin:preferences", size=10_000)
     eval_batches: int = 8
+    # reward = head(last token) + a learned scale x the response's mean log-likelihood under
+    # the trunk's LM head (`stages/reward.py`): held-out 0.94 / 0.96 against 0.89 / 0.89 for
+    # the head alone, the same steps (2026-12-03). False: the head alone.
+    likelihood: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +155,9 @@ def lm_like(cfg: Config, mesh):
 
 
 def scalar_like(cfg: Config, mesh):
+    """The reward model's params structure (with "lm_scale" when cfg.rm.likelihood)."""
     return runner.abstract_params(
-        lambda r: {"model": model.init(cfg.model, r), "head": model.init_scalar_head(cfg.model, r)},
+        lambda r: reward.init_reward_params(cfg.model, model.init(cfg.model, r), r, likelihood=cfg.rm.likelihood),
         mesh, jax.random.PRNGKey(0))
 
 
@@ -221,7 +226,8 @@ def run_rm(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     if done is not None:
         return done
     lm = runner.stage_params(workdir, "sft", lm_like(cfg, mesh))
-    params = reward.init_reward_params(cfg.model, lm, jax.random.PRNGKey(cfg.rm.train.seed))
+    params = reward.init_reward_params(cfg.model, lm, jax.random.PRNGKey(cfg.rm.train.seed),
+                                       likelihood=cfg.rm.likelihood)
     tx, schedule = train.make_optimizer(cfg.rm.optim, cfg.rm.train.steps)
     state, shardings = train.state_from_params(params, tx, mesh, cfg.rm.train.seed)
     before = rm_accuracy(cfg, state.params, tok, mesh)
@@ -268,7 +274,9 @@ def run_ppo(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     rm_params = runner.stage_params(workdir, "rm", scalar_like(cfg, mesh))
     # The optimizer takes epochs x minibatches updates per PPO iteration.
     tx, schedule = train.make_optimizer(p.optim, ppo.optimizer_steps(p.train.steps, p.ppo))
-    state, shardings = ppo.create_ppo_state({"policy": sft_params, "value": rm_params}, tx, mesh,
+    # The value model starts from the reward model's trunk and head (not its lm_scale).
+    value = {"model": rm_params["model"], "head": rm_params["head"]}
+    state, shardings = ppo.create_ppo_state({"policy": sft_params, "value": value}, tx, mesh,
                                             p.train.seed, p.ppo.kl_coef)
     loader = ppo.PromptLoader(ppo_prompts(p.prompts, p.train.seed, "train"), tok, p.ppo.rollout_batch,
                               p.train.seed)

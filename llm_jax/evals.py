@@ -294,7 +294,8 @@ def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Seq
     records, overall, per kind (correct / polite / plain) and per task of the
     "correct" pairs: {"accuracy", "pairs", "skipped", "by_kind", "by_task",
     "pairs_by_kind"}. Each response is scored alone by `reward.score_sequences`
-    (the value at its last token, as trained); a pair longer than model.max_len is
+    (as trained: the value at its last token, plus the likelihood term of a
+    likelihood model); a pair longer than model.max_len is
     skipped and counted."""
     from llm_jax.stages import reward  # the stage imports nothing from here; keep evals light to import
 
@@ -308,7 +309,10 @@ def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Seq
     if not records:
         raise ValueError(f"pairwise_accuracy_by_kind: no pair fits model.max_len={cfg.max_len}")
     seqs = [s for p, ok in zip(pairs, fits) if ok for s in p]
-    scores = np.concatenate([np.asarray(reward.score_sequences(cfg, reward_params, seqs[i:i + batch_size]))
+    starts = [len(formats.prompt_tokens(tok, r["prompt"])) for r in records for _ in range(2)]
+    scores = np.concatenate([np.asarray(reward.score_sequences(cfg, reward_params, seqs[i:i + batch_size],
+                                                               response_starts=starts[i:i + batch_size],
+                                                               eos_id=tok.eos_id))
                              for i in range(0, len(seqs), batch_size)])
     right = scores[0::2] > scores[1::2]
     groups: dict[str, dict[str, list[bool]]] = {"by_kind": collections.defaultdict(list),

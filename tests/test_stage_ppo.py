@@ -225,6 +225,36 @@ def test_reward_model_reads_last_real_non_eos_token():
     assert np.std(want) > 0.05  # the head reads different positions, not a constant
 
 
+def test_likelihood_reward_model_adds_its_mean_response_logprob():
+    """reward.init_reward_params(likelihood=True): head at the last real non-eos token
+    + lm_scale x the mean log-prob of the response's real tokens (eos included when
+    the row has one), each sequence alone; rows that stopped at eos score the same
+    through reward.score_sequences (eos as the last target, as in training)."""
+    from llm_jax.stages import reward as reward_stage
+    rm = dict(init_scalar_model(4, head_scale=30.0), lm_scale=np.float32(0.7))
+    batch, response, prompts, actions = hand_built_rollout()
+    rollout = ppo.build_rollout(batch["tokens"], batch["mask"], response, eos_id=EOS, pad_id=PAD)
+    got = np.asarray(jax.jit(lambda r, x: ppo.reward_model_scores(CFG, r, x, eos_id=EOS))(rm, rollout))
+    seqs = [p + a for p, a in zip(prompts, actions)]
+    width = max(map(len, seqs))
+    values = run_alone(scalars_alone, rm, seqs, width)
+    logits = run_alone(lambda q, t: model.apply(CFG, q["model"], t), rm, seqs, width).astype(np.float64)
+    want, stopped = [], []
+    for b, (p, a) in enumerate(zip(prompts, actions)):
+        real = [x for x in a if x != EOS]
+        lp = [log_softmax(logits[b, len(p) - 1 + t])[x] for t, x in enumerate(a)]
+        want.append(values[b, len(p) + len(real) - 1] + 0.7 * np.mean(lp))
+        stopped.append(EOS in a)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    no_term = np.asarray(ppo.reward_model_scores(CFG, {k: rm[k] for k in ("model", "head")}, rollout, eos_id=EOS))
+    assert np.abs(got - no_term).min() > 0.1  # the term is really added
+    assert any(stopped) and not all(stopped)
+    rows = [b for b in range(len(seqs)) if stopped[b]]
+    scored = reward_stage.score_sequences(CFG, rm, [prompts[b] + actions[b][:-1] for b in rows],
+                                          response_starts=[len(prompts[b]) for b in rows], eos_id=EOS)
+    np.testing.assert_allclose(scored, got[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_first_minibatch_ratio_one_and_loss_is_minus_mean_advantage(setup):
     mesh, step, fresh_state = setup
     state, _ = fresh_state()

@@ -76,6 +76,62 @@ def test_packed_and_scored_rewards_match_each_sequence_alone(params):
         assert (packed[batch["pair_mask"] == 0] == 0).all()
 
 
+@jax.jit
+def _logits(lm_params, tokens):
+    return model.apply(CFG, lm_params, tokens)
+
+
+def reference_likelihood_rewards(params, prompts, responses):
+    """Head at the last token + lm_scale x mean log p over the response's tokens and
+    its eos, each sequence alone; log-softmax in numpy, float64."""
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    head = reference_rewards(params, seqs)
+    tokens = np.zeros((len(seqs), SEQ), np.int32)
+    for i, t in enumerate(seqs):
+        tokens[i, :len(t)] = t
+    logits = np.asarray(_logits(params["model"], tokens), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    means = [np.mean([logp[i, len(p) - 1 + t, y] for t, y in enumerate(r + [TOK.eos_id])])
+             for i, (p, r) in enumerate(zip(prompts, responses))]
+    return head + float(params["lm_scale"]) * np.array(means)
+
+
+def test_likelihood_reward_model_in_packed_batches_scoring_and_loss(params):
+    lik = dict(params, lm_scale=np.float32(0.8))
+    rng = random.Random(1)
+    records = [preferences.preference_record(rng, "train") for _ in range(7)]
+    pairs = [formats.to_examples(r, "preferences", TOK, SEQ)[0][0] for r in records]
+    batch, places = packing.pack_examples(pairs, SEQ, max_segments=S)
+    prompts = [formats.prompt_tokens(TOK, r["prompt"]) for r in records]
+    want = {}
+    for side in ("chosen", "rejected"):
+        responses = [TOK.encode(r[side]) for r in records]
+        want[side] = reference_likelihood_rewards(lik, prompts, responses)
+        assert np.abs(want[side] - reference_rewards(lik, [p + r for p, r in zip(prompts, responses)])).min() > 0.05
+        scored = reward.score_sequences(CFG, lik, [p + r for p, r in zip(prompts, responses)],
+                                        response_starts=[len(p) for p in prompts], eos_id=TOK.eos_id)
+        np.testing.assert_allclose(scored, want[side], rtol=1e-5, atol=1e-5)
+    loss, m = jax.jit(reward.rm_loss_fn(CFG, S))(lik, batch, None, reward.pair_count(batch))
+    c = np.zeros(len(records)); r = np.zeros(len(records))
+    order = {place: i for i, place in enumerate(places)}
+    c_packed, r_packed = (np.asarray(x) for x in reward._pair_rewards(CFG, lik, batch, S))
+    for (row, seg), i in order.items():
+        c[i], r[i] = c_packed[row, seg - 1], r_packed[row, seg - 1]
+    np.testing.assert_allclose(c, want["chosen"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r, want["rejected"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss, np_bt_loss(want["chosen"], want["rejected"]).mean(), rtol=1e-5)
+    # the scale is learned: the loss has a gradient with respect to it
+    grads = jax.grad(lambda q: reward.rm_loss_fn(CFG, S)(q, batch, None, reward.pair_count(batch))[0])(lik)
+    assert abs(float(grads["lm_scale"])) > 1e-4
+    with pytest.raises(ValueError, match="response_starts and eos_id"):
+        reward.score_sequences(CFG, lik, [prompts[0] + [70]])
+    with pytest.raises(ValueError, match="needs targets and weights"):
+        reward.sequence_rewards(CFG, lik, batch["chosen_inputs"], None, batch["chosen_segment_ids"], S)
+    assert set(reward.init_reward_params(CFG, lik["model"], jax.random.PRNGKey(0), likelihood=True)) == {
+        "model", "head", "lm_scale"}
+
+
 def np_bt_loss(chosen, rejected, margin=0.0):
     return np.logaddexp(0.0, -(chosen - rejected - margin))  # -log sigmoid(x)
 

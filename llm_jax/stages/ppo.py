@@ -251,12 +251,21 @@ def score_index(batch: dict, eos_id: int = EOS_ID) -> jax.Array:
 
 def reward_model_scores(reward_cfg: ModelConfig, reward_params, batch: dict, *,
                         eos_id: int = EOS_ID) -> jax.Array:
-    """The reward model's head value at the last real non-eos token: [B] float32."""
+    """The reward model's head value at the last real non-eos token: [B] float32.
+    A likelihood reward model (`reward.is_likelihood_model`) adds lm_scale x the
+    mean log-prob of the response's real tokens (its eos included when it has one)."""
     hidden = model.forward(reward_cfg, reward_params["model"], batch["tokens"],
                            positions=batch["positions"], segment_ids=batch["segment_ids"])
     index = score_index(batch, eos_id)
     last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)  # [B, 1, D]
-    return model.scalar_head(reward_params["head"], last)[:, 0]
+    out = model.scalar_head(reward_params["head"], last)[:, 0]
+    if "lm_scale" not in reward_params:
+        return out
+    width, n = batch["tokens"].shape[1], batch["response"].shape[1]
+    logits = model.lm_logits(reward_cfg, reward_params["model"], hidden[:, width - n - 1:width - 1])
+    w = batch["weights"].astype(jnp.float32)
+    logp = jnp.sum(losses.token_logprobs(logits, batch["response"]) * w, axis=1)
+    return out + reward_params["lm_scale"].astype(jnp.float32) * logp / jnp.maximum(jnp.sum(w, axis=1), 1.0)
 
 
 def whiten(x, weights, eps: float = 1e-8):

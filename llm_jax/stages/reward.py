@@ -5,6 +5,19 @@
 
 PPO's value model uses the same params structure and `token_values`.
 
+A likelihood reward model (`init_reward_params(..., likelihood=True)`) adds one
+learned scalar, params["lm_scale"], and the trunk's own LM head:
+
+    r(x, y) = head(h_last) + lm_scale * mean_t log p(y_t | x, y_<t)
+
+the mean over the response's tokens and its eos (the packed batch's `weights`).
+Why: the trunk of a reward model trained from the SFT model ranks correct vs
+wrong answers well by their likelihood (0.95 on held-out built-in pairs) while
+a head reading the last token alone ranked them 0.68: a wrong answer that
+differs from the right one by a digit is surprising token by token, which the
+last hidden state does not have to represent. With the term, the same 100
+steps gave 0.94 / 0.96 on held-out pairs instead of 0.89 / 0.89 (2026-12-03).
+
 Where a reward is read (PPO relies on this): the reward of a sequence is the
 head's value at its LAST INPUT TOKEN, i.e. after the model has read
 `[bos, <prompt>] prompt [<response>] response`. In a packed batch the eos is a
@@ -28,13 +41,20 @@ import numpy as np
 
 from llm_jax import losses, model
 from llm_jax.config import ModelConfig
+from llm_jax.data import packing
 
 PAD_TO = 32  # score_sequences pads lengths up to a multiple of this: fewer recompiles
 
 
-def init_reward_params(model_cfg: ModelConfig, lm_params, rng: jax.Array) -> dict:
-    """Wraps trained LM params with a fresh scalar head: {"model", "head"}."""
-    return {"model": lm_params, "head": model.init_scalar_head(model_cfg, rng)}
+def init_reward_params(model_cfg: ModelConfig, lm_params, rng: jax.Array, likelihood: bool = False) -> dict:
+    """Wraps trained LM params with a fresh scalar head: {"model", "head"}; with
+    `likelihood`, also "lm_scale" = 1.0 (see the module docstring)."""
+    params = {"model": lm_params, "head": model.init_scalar_head(model_cfg, rng)}
+    return {**params, "lm_scale": jnp.ones((), jnp.float32)} if likelihood else params
+
+
+def is_likelihood_model(params) -> bool:
+    return "lm_scale" in params
 
 
 def token_values(model_cfg: ModelConfig, params, inputs, positions=None, segment_ids=None,
@@ -46,39 +66,63 @@ def token_values(model_cfg: ModelConfig, params, inputs, positions=None, segment
 
 
 def sequence_rewards(model_cfg: ModelConfig, params, inputs, positions, segment_ids,
-                     max_segments: int, dropout_rng=None) -> jax.Array:
+                     max_segments: int, dropout_rng=None, targets=None, weights=None) -> jax.Array:
     """Reward of every packed sequence: [R, T] inputs -> [R, max_segments].
 
     out[r, s] is the value at the last input token of segment s + 1 in row r
-    (0 where the row has no such segment); see the module docstring."""
-    values = token_values(model_cfg, params, inputs, positions, segment_ids, dropout_rng)
-    return model.last_token_values(values, segment_ids, max_segments)
+    (0 where the row has no such segment); see the module docstring. A
+    likelihood model also needs the batch's `targets` and `weights` [R, T]."""
+    hidden = model.forward(model_cfg, params["model"], inputs, positions=positions,
+                           segment_ids=segment_ids, dropout_rng=dropout_rng)
+    out = model.last_token_values(model.scalar_head(params["head"], hidden), segment_ids, max_segments)
+    if not is_likelihood_model(params):
+        return out
+    if targets is None or weights is None:
+        raise ValueError("a likelihood reward model (params with 'lm_scale') needs targets and weights")
+    w = weights.astype(jnp.float32)
+    logp = losses.token_logprobs(model.lm_logits(model_cfg, params["model"], hidden), targets) * w
+    mean = (packing.sequence_scores(logp, segment_ids, max_segments)
+            / jnp.maximum(packing.sequence_scores(w, segment_ids, max_segments), 1.0))
+    return out + params["lm_scale"].astype(jnp.float32) * mean
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_rows(model_cfg, params, tokens, segment_ids):
-    return sequence_rewards(model_cfg, params, tokens, None, segment_ids, 1)[:, 0]
+def _score_rows(model_cfg, params, tokens, segment_ids, targets, weights):
+    return sequence_rewards(model_cfg, params, tokens, None, segment_ids, 1, targets=targets, weights=weights)[:, 0]
 
 
-def score_sequences(model_cfg: ModelConfig, params, token_lists) -> jax.Array:
+def score_sequences(model_cfg: ModelConfig, params, token_lists, *, response_starts=None,
+                    eos_id: int | None = None) -> jax.Array:
     """One reward per full token list (e.g. `formats.prompt_tokens(tok, p) +
     tok.encode(response)`, no trailing eos): [N] float32.
 
     The lists are right-padded into unpacked rows (segment id 1 on real tokens,
-    0 on padding, so padding is never attended to) and read at their last token."""
+    0 on padding, so padding is never attended to) and read at their last token.
+    A likelihood model also needs where each response begins (`response_starts`,
+    e.g. len(prompt_tokens)) and `eos_id`: its log-likelihood term covers the
+    response and the eos after it, as in training."""
     lengths = [len(t) for t in token_lists]
     if not lengths or min(lengths) == 0:
         raise ValueError("score_sequences: needs at least one non-empty token list")
     if model_cfg.positions == "learned" and max(lengths) > model_cfg.max_len:
         raise ValueError(f"score_sequences: a sequence of {max(lengths)} tokens exceeds "
                          f"model.max_len={model_cfg.max_len} (learned positions)")
+    likelihood = is_likelihood_model(params)
+    if likelihood and (response_starts is None or eos_id is None):
+        raise ValueError("score_sequences: a likelihood reward model needs response_starts and eos_id")
     width = -(-max(lengths) // PAD_TO) * PAD_TO
-    tokens = np.zeros((len(lengths), width), np.int32)
-    segment_ids = np.zeros((len(lengths), width), np.int32)
+    tokens, segment_ids, targets = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
+    weights = np.zeros((len(lengths), width), np.float32)
     for i, seq in enumerate(token_lists):
         tokens[i, :len(seq)] = seq
         segment_ids[i, :len(seq)] = 1
-    return _score_rows(model_cfg, params, tokens, segment_ids)
+        if likelihood:
+            start = response_starts[i]
+            if not 1 <= start <= len(seq):
+                raise ValueError(f"score_sequences: response_starts[{i}]={start} is outside 1..{len(seq)}")
+            targets[i, :len(seq)] = list(seq[1:]) + [eos_id]
+            weights[i, start - 1:len(seq)] = 1.0  # the targets from the first response token to the eos
+    return _score_rows(model_cfg, params, tokens, segment_ids, targets, weights)
 
 
 def _pair_rewards(model_cfg, params, batch, max_segments, dropout_rng=None):
@@ -89,7 +133,8 @@ def _pair_rewards(model_cfg, params, batch, max_segments, dropout_rng=None):
     rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     return tuple(
         sequence_rewards(model_cfg, params, batch[p + "inputs"], batch[p + "positions"],
-                         batch[p + "segment_ids"], max_segments, rng)
+                         batch[p + "segment_ids"], max_segments, rng, targets=batch[p + "targets"],
+                         weights=batch[p + "weights"])
         for p, rng in zip(("chosen_", "rejected_"), rngs))
 
 
