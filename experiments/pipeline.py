@@ -10,9 +10,10 @@ One small decoder goes through every stage on one CPU in minutes:
             thanks and questions answered politely or bluntly, plainly or in
             jargon (`builtin:chat`): instruction accuracy of the base model (it
             continues text, it does not answer) and of the SFT model;
-  rm        the SFT model + a scalar head, Bradley-Terry on preference pairs
-            (correct vs wrong, polite vs blunt, plain vs jargon): held-out
-            pairwise accuracy;
+  rm        the SFT model + a scalar head (and a learned weight on the
+            response's log-likelihood, `rm.likelihood`), Bradley-Terry on
+            preference pairs (correct vs wrong, polite vs blunt, plain vs
+            jargon): held-out pairwise accuracy;
   ppo       policy and reference = SFT, frozen reward model, value head from the
             reward model: win rate against the SFT policy under the programs
             that verify each preference, and the KL to SFT;
