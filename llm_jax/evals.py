@@ -301,15 +301,15 @@ def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Seq
 
     if not records:
         raise ValueError("pairwise_accuracy_by_kind: no records")
-    pairs = [[formats.prompt_tokens(tok, r["prompt"]) + tok.encode(r[side]) for side in ("chosen", "rejected")]
-             for r in records]
+    heads = [formats.prompt_tokens(tok, r["prompt"]) for r in records]
+    pairs = [[h + tok.encode(r[side]) for side in ("chosen", "rejected")] for h, r in zip(heads, records)]
     fits = [max(map(len, p)) <= cfg.max_len for p in pairs]
     skipped = len(records) - sum(fits)
     records = [r for r, ok in zip(records, fits) if ok]
+    starts = [len(h) for h, ok in zip(heads, fits) if ok for _ in range(2)]  # where each response begins
     if not records:
         raise ValueError(f"pairwise_accuracy_by_kind: no pair fits model.max_len={cfg.max_len}")
     seqs = [s for p, ok in zip(pairs, fits) if ok for s in p]
-    starts = [len(formats.prompt_tokens(tok, r["prompt"])) for r in records for _ in range(2)]
     scores = np.concatenate([np.asarray(reward.score_sequences(cfg, reward_params, seqs[i:i + batch_size],
                                                                response_starts=starts[i:i + batch_size],
                                                                eos_id=tok.eos_id))

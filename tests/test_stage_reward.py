@@ -112,14 +112,10 @@ def test_likelihood_reward_model_in_packed_batches_scoring_and_loss(params):
         scored = reward.score_sequences(CFG, lik, [p + r for p, r in zip(prompts, responses)],
                                         response_starts=[len(p) for p in prompts], eos_id=TOK.eos_id)
         np.testing.assert_allclose(scored, want[side], rtol=1e-5, atol=1e-5)
-    loss, m = jax.jit(reward.rm_loss_fn(CFG, S))(lik, batch, None, reward.pair_count(batch))
-    c = np.zeros(len(records)); r = np.zeros(len(records))
-    order = {place: i for i, place in enumerate(places)}
-    c_packed, r_packed = (np.asarray(x) for x in reward._pair_rewards(CFG, lik, batch, S))
-    for (row, seg), i in order.items():
-        c[i], r[i] = c_packed[row, seg - 1], r_packed[row, seg - 1]
-    np.testing.assert_allclose(c, want["chosen"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(r, want["rejected"], rtol=1e-5, atol=1e-5)
+    loss, _ = jax.jit(reward.rm_loss_fn(CFG, S))(lik, batch, None, reward.pair_count(batch))
+    for side, packed in zip(("chosen", "rejected"), reward._pair_rewards(CFG, lik, batch, S)):
+        got = np.array([np.asarray(packed)[row, seg - 1] for row, seg in places])
+        np.testing.assert_allclose(got, want[side], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(loss, np_bt_loss(want["chosen"], want["rejected"]).mean(), rtol=1e-5)
     # the scale is learned: the loss has a gradient with respect to it
     grads = jax.grad(lambda q: reward.rm_loss_fn(CFG, S)(q, batch, None, reward.pair_count(batch))[0])(lik)

@@ -62,6 +62,7 @@ from llm_jax import generate, losses, model, sharding, train
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.data import builtin, formats
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
+from llm_jax.stages import reward
 
 Params = Any
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -259,13 +260,14 @@ def reward_model_scores(reward_cfg: ModelConfig, reward_params, batch: dict, *,
     index = score_index(batch, eos_id)
     last = jnp.take_along_axis(hidden, index[:, None, None], axis=1)  # [B, 1, D]
     out = model.scalar_head(reward_params["head"], last)[:, 0]
-    if "lm_scale" not in reward_params:
+    if not reward.is_likelihood_model(reward_params):
         return out
     width, n = batch["tokens"].shape[1], batch["response"].shape[1]
-    logits = model.lm_logits(reward_cfg, reward_params["model"], hidden[:, width - n - 1:width - 1])
-    w = batch["weights"].astype(jnp.float32)
-    logp = jnp.sum(losses.token_logprobs(logits, batch["response"]) * w, axis=1)
-    return out + reward_params["lm_scale"].astype(jnp.float32) * logp / jnp.maximum(jnp.sum(w, axis=1), 1.0)
+    # The states that predict the response tokens, one segment per row.
+    states = hidden[:, width - n - 1:width - 1]
+    term = reward.likelihood_term(reward_cfg, reward_params, states, batch["response"], batch["weights"],
+                                  jnp.ones(batch["weights"].shape, jnp.int32), 1)
+    return out + term[:, 0]
 
 
 def whiten(x, weights, eps: float = 1e-8):

@@ -79,11 +79,18 @@ def sequence_rewards(model_cfg: ModelConfig, params, inputs, positions, segment_
         return out
     if targets is None or weights is None:
         raise ValueError("a likelihood reward model (params with 'lm_scale') needs targets and weights")
+    return out + likelihood_term(model_cfg, params, hidden, targets, weights, segment_ids, max_segments)
+
+
+def likelihood_term(model_cfg: ModelConfig, params, hidden, targets, weights, segment_ids,
+                    max_segments: int) -> jax.Array:
+    """lm_scale x the mean log p(target) over the weighted positions of each segment:
+    hidden [R, T, D], targets/weights/segment_ids [R, T] -> [R, max_segments]."""
     w = weights.astype(jnp.float32)
     logp = losses.token_logprobs(model.lm_logits(model_cfg, params["model"], hidden), targets) * w
     mean = (packing.sequence_scores(logp, segment_ids, max_segments)
             / jnp.maximum(packing.sequence_scores(w, segment_ids, max_segments), 1.0))
-    return out + params["lm_scale"].astype(jnp.float32) * mean
+    return params["lm_scale"].astype(jnp.float32) * mean
 
 
 @functools.partial(jax.jit, static_argnums=0)
