@@ -382,3 +382,31 @@ def test_builtin_prompts_are_instructions():
     prompts = ppo.builtin_prompts(20, seed=1)
     assert prompts == ppo.builtin_prompts(20, seed=1)
     assert all(builtin.parse_instruction(p) is not None for p in prompts)
+
+
+def test_missing_eos_penalty_lowers_only_the_cut_off_responses_last_reward(setup):
+    """Rows 8 and 9 of the hand-built rollout have no eos in their 8 tokens: their
+    last action's reward drops by the penalty; every other reward is unchanged."""
+    mesh, _, fresh_state = setup
+    state, _ = fresh_state()
+    batch, response, _, actions = hand_built_rollout()
+    rollout = ppo.build_rollout(batch["tokens"], batch["mask"], response, eos_id=EOS, pad_id=PAD)
+    scores = jnp.asarray(np.linspace(-1.0, 2.0, PCFG.rollout_batch), jnp.float32)
+    policy, value = state.params["policy"], state.params["value"]
+
+    def score(penalty):
+        cfg = dataclasses.replace(PCFG, missing_eos_penalty=penalty)
+        return jax.device_get(ppo.score_rollout(CFG, cfg, policy, value, policy, rollout, scores,
+                                                jnp.float32(0.3), eos_id=EOS))
+
+    (plain, m0), (penalized, m1) = score(0.0), score(1.5)
+    want = np.zeros(response.shape)
+    for b, acts in enumerate(actions):
+        if EOS not in acts:
+            want[b, len(acts) - 1] = -1.5
+    assert sorted(int(b) for b in np.nonzero(want.sum(1))[0]) == [8, 9]
+    np.testing.assert_allclose(penalized["rewards"] - plain["rewards"], want, atol=1e-6)
+    np.testing.assert_array_equal(penalized["scores"], plain["scores"])  # the scores as given
+    assert m1["no_eos_fraction"] == pytest.approx(2 / PCFG.rollout_batch) == m0["no_eos_fraction"]
+    with pytest.raises(ConfigError, match="missing_eos_penalty"):
+        dataclasses.replace(PCFG, missing_eos_penalty=-1.0).validate()

@@ -93,6 +93,10 @@ class PPOConfig:
     kl_target: float = 6.0  # nats per sequence
     kl_horizon: int = 10_000  # in sequences
     whiten_advantages: bool = True
+    # Subtracted from the score of a response that ran out of tokens without an eos (as
+    # TRL's missing_eos_penalty): a reward model scores a cut-off response as if it ended
+    # there, so without a penalty rambling to the budget costs nothing.
+    missing_eos_penalty: float = 0.0
 
     def validate(self) -> "PPOConfig":
         positive = ("rollout_batch", "max_new_tokens", "temperature", "epochs", "minibatches",
@@ -100,7 +104,7 @@ class PPOConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be positive")
-        for name in ("top_k", "vf_coef", "kl_coef"):
+        for name in ("top_k", "vf_coef", "kl_coef", "missing_eos_penalty"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be >= 0")
         for name in ("gamma", "lam"):
@@ -288,8 +292,9 @@ def score_rollout(model_cfg: ModelConfig, ppo_cfg: PPOConfig, policy_params, val
         kl_coef: beta for this rollout's KL penalty.
 
     Returns `(batch + {old_logprobs, ref_logprobs, old_values, rewards,
-    advantages, returns, scores} (all [B, N] but scores [B]), metrics)`.
-    """
+    advantages, returns, scores} (all [B, N] but scores [B]), metrics)`. The
+    rewards carry `ppo_cfg.missing_eos_penalty` on responses without an eos;
+    `scores` and the "score" metric are the scores as given."""
     value_cfg = value_cfg or model_cfg
     weights = batch["weights"]
     logits = action_logits(model_cfg, policy_params, batch, ppo_cfg.temperature)
@@ -298,8 +303,10 @@ def score_rollout(model_cfg: ModelConfig, ppo_cfg: PPOConfig, policy_params, val
     ref_logprobs = losses.token_logprobs(ref_logits, batch["response"])
     values = state_values(value_cfg, value_params, batch)
     scores = jnp.asarray(scores, jnp.float32)
+    ended = jnp.any((batch["response"] == eos_id) & (weights > 0), axis=1)  # [B]: stopped at an eos
+    penalized = scores - jnp.where(ended, 0.0, ppo_cfg.missing_eos_penalty)
 
-    rewards = losses.kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, kl_coef=kl_coef)
+    rewards = losses.kl_penalized_rewards(penalized, logprobs, ref_logprobs, weights, kl_coef=kl_coef)
     advantages, returns = losses.gae(rewards, values, weights, gamma=ppo_cfg.gamma, lam=ppo_cfg.lam)
     if ppo_cfg.whiten_advantages:
         advantages = whiten(advantages, weights)
@@ -311,7 +318,8 @@ def score_rollout(model_cfg: ModelConfig, ppo_cfg: PPOConfig, policy_params, val
     scored = dict(batch, old_logprobs=logprobs, ref_logprobs=ref_logprobs, old_values=values,
                   rewards=rewards, advantages=advantages, returns=returns, scores=scores)
     metrics = {"score": jnp.mean(scores), "kl": jnp.mean(kl), "entropy": losses.masked_mean(entropy, weights),
-               "response_length": jnp.mean(length), "value_mean": losses.masked_mean(values, weights),
+               "response_length": jnp.mean(length), "no_eos_fraction": 1.0 - jnp.mean(ended),
+               "value_mean": losses.masked_mean(values, weights),
                "return_mean": losses.masked_mean(returns, weights)}
     return scored, metrics
 
@@ -442,7 +450,8 @@ def make_ppo_step(model_cfg: ModelConfig, ppo_cfg: PPOConfig, optimizer: optax.G
     (means over the iteration's updates), score (mean), kl (mean per-sequence
     sum over response tokens of log pi - log pi_ref), beta (used for this
     rollout's rewards), entropy (mean per response token), response_length
-    (mean real tokens, eos excluded), value_mean, return_mean, and seconds
+    (mean real tokens, eos excluded), no_eos_fraction (responses cut off at
+    max_new_tokens), value_mean, return_mean, and seconds
     spent in rollout_seconds, score_seconds, update_seconds.
     """
     ppo_cfg.validate()
