@@ -35,6 +35,7 @@ than the head, which skipping would hide by dropping a whole class.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import grain
@@ -115,6 +116,11 @@ class Loader:
             ds = ds.shuffle(seed=c.seed)
         ds = ds.repeat(c.num_epochs)  # reseeds the shuffle every epoch
         self._stream = ds.map(lambda i: _examples(self.source, self.kind, tokenizer, c.seq_len, i))
+        # Grain's map runs again on every access, and a long document is read once per
+        # chunk (and a waiting chunk or a label once more): a 1 MB document took 0.75 s
+        # per 8 x 128-token batch, its reading and tokenizing repeated for every chunk.
+        # The records the batch in progress and the waiting chunks came from are kept.
+        self._recent: collections.OrderedDict[int, tuple] = collections.OrderedDict()
         self._length = None if c.num_epochs is None else self.epoch_len * c.num_epochs
         self.set_state(self._fresh_state())
         # Fail before training starts when no record is usable (bad file,
@@ -162,14 +168,24 @@ class Loader:
     def __next__(self) -> dict[str, np.ndarray]:
         return self._next_batch()
 
+    def _element(self, pos: int) -> tuple:
+        """(index, raw record, examples-and-truncations or reason) at stream position `pos`."""
+        if pos in self._recent:
+            self._recent.move_to_end(pos)
+            return self._recent[pos]
+        element = self._recent[pos] = self._stream[pos]
+        if len(self._recent) > self.config.pack_lookahead + 2:  # the current record, and each waiting chunk's
+            self._recent.popitem(last=False)
+        return element
+
     def _item(self, pos: int, chunk: int) -> tuple:
         """Example `chunk` of stream position `pos`, as a tuple over the tensor sets."""
-        example = self._stream[pos][2][0][chunk]
+        example = self._element(pos)[2][0][chunk]
         return example if self.kind == "preferences" else (example,)
 
     def _label(self, pos: int) -> int:
         """The checked label of the record at stream position `pos` (classification)."""
-        index, raw, _ = self._stream[pos]
+        index, raw, _ = self._element(pos)
         label = check_record(raw, self.kind)["label"]
         if self.config.num_classes and label >= self.config.num_classes:
             raise DataError(f"{self.source.place(index, raw)}: field 'label' is {label}, but "
@@ -213,7 +229,7 @@ class Loader:
         while (len(s["pending"]) < c.pack_lookahead and not packer.full()
                and (self._length is None or s["position"] < self._length)):
             pos, chunk = s["position"], s["chunk"]
-            index, raw, result = self._stream[pos]
+            index, raw, result = self._element(pos)
             first_epoch = pos < self.epoch_len  # count each record once, not once per epoch
             if isinstance(result, str):
                 if first_epoch:
