@@ -8,7 +8,9 @@ Rows (all batch 32 x seq 256, one process, shuffled):
 3. builtin:sft and builtin:preferences (byte tokenizer);
 4. jsonl: the same pretraining documents written to a file, built once into a
    TFDS ArrayRecord dataset and read back through TFDS data sources + Grain
-   (the build time is reported separately).
+   (the build time is reported separately);
+5. jsonl of long documents (8 of 256 KB, like books), each split into ~1,000
+   rows: the cost of reading and tokenizing a document once, not per chunk.
 
 Each row times `--batches` batches after two warm-up batches, in one thread,
 and reports batches/s, real (non-padding) tokens/s and packing efficiency.
@@ -121,6 +123,14 @@ def main(argv=None) -> int:
         build_s = time.perf_counter() - t0
         row("jsonl (TFDS ArrayRecord + Grain), byte", cfg, byte,
             f"one-time build of 20,000 records: {build_s:.2f} s")
+        long_path = os.path.join(tmp, "books.jsonl")
+        with open(long_path, "w") as f:
+            for i in range(8):
+                text = " ".join(src[j]["text"] for j in range(i * 2000, (i + 1) * 2000))
+                f.write(json.dumps({"text": text[:256 * 1024]}) + "\n")
+        row("jsonl, 8 documents of 256 KB, byte",
+            DataConfig(source=f"jsonl:{long_path}", seq_len=SEQ, batch_size=BATCH, cache_dir=os.path.join(tmp, "b")),
+            byte, "each document spans about 1,000 rows")
 
     lines = [
         "# Data pipeline throughput",
