@@ -61,7 +61,7 @@ class CountingTokenizer(ByteTokenizer):
 
 @pytest.mark.parametrize("kind", ["pretrain", "classification"])
 def test_a_long_document_is_read_and_tokenized_once(tmp_path, kind):
-    """A document of 40 rows' worth of tokens is tokenized once, not once per chunk
+    """A document of 43 rows' worth of tokens is tokenized once, not once per chunk
     (Grain's map recomputes on each access; a 1 MB document took 0.75 s per
     8 x 128-token batch that way), and a classification record's label costs no
     second read."""
