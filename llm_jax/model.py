@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ConfigError, ModelConfig
-from llm_jax.sharding import constrain_activations, gather_embedding_table
+from llm_jax.sharding import constrain_activations, gather_embedding_table, target_platform
 
 Params = dict[str, Any]
 
@@ -181,7 +181,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     implementation everywhere else (CPU, TPU, masked/packed batches).
     """
     if impl == "auto":
-        on_gpu = jax.default_backend() == "gpu"
+        on_gpu = target_platform() == "gpu"
         impl = "cudnn" if (on_gpu and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                         implementation=impl)
@@ -440,7 +440,7 @@ _tied_logits.defvjp(_tied_logits_fwd, _tied_logits_bwd)
 
 
 def _cpu_tied_head() -> bool:
-    return jax.default_backend() == "cpu"
+    return target_platform() == "cpu"
 
 
 def lm_logits(config: ModelConfig, params: Params, hidden: jax.Array) -> jax.Array:

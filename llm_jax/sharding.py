@@ -149,6 +149,16 @@ def _active_mesh():
     return mesh
 
 
+def target_platform() -> str:
+    """The platform the code is being traced for: that of the mesh set with
+    `jax.set_mesh` when it has devices, else the default backend. An ahead-of-time
+    compile for a TPU slice (`llm_jax.aot`) traces on a CPU host under a mesh of
+    TPU devices; backend-specific choices (attention kernel, the CPU-only tied-head
+    backward) must follow the target, not the host."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def constrain_activations(x: jax.Array) -> jax.Array:
     """Pins [B, ...] activations to batch-over-(data, fsdp) when tracing under a mesh
     with our axes; a no-op otherwise, so the model runs unsharded in tests,
