@@ -131,6 +131,16 @@ PRESETS: dict[str, ModelConfig] = {
                          rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                          rope_original_max_len=8192, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
                          use_bias=False, tie_embeddings=True),
+    # Llama-3-8B: GQA 32/8, vocab 128256, untied head, rope_theta 500k (Llama 3.0: no
+    # rope scaling; 3.1's long-context scaling is `rope_scaling="llama3"`).
+    "llama3_8b": ModelConfig(vocab_size=128256, d_model=4096, num_layers=32, num_heads=32,
+                             num_kv_heads=8, d_ff=14336, max_len=8192, positions="rotary",
+                             rope_theta=500_000.0, norm="rmsnorm", norm_eps=1e-5, mlp="swiglu",
+                             use_bias=False, tie_embeddings=False),
+    # GPT-2 medium (355M): the GPT-2 family at 24 layers x 1024.
+    "gpt2_medium": ModelConfig(vocab_size=50257, d_model=1024, num_layers=24, num_heads=16, d_ff=4096,
+                               max_len=1024, positions="learned", norm="layernorm", norm_eps=1e-5,
+                               mlp="gelu", use_bias=True, tie_embeddings=True),
     # Llama-2-7B shape, for memory planning.
     "llama7b": ModelConfig(vocab_size=32000, d_model=4096, num_layers=32, num_heads=32,
                            d_ff=11008, max_len=4096, positions="rotary", norm="rmsnorm",

@@ -702,6 +702,15 @@ def test_preset_param_counts():
     llama7b = 2 * V * D + L * (4 * D * D + 3 * D * F + 2 * D) + D
     assert llama7b == 6_738_415_616
     assert abstract_count(preset("llama7b")) == llama7b
+    # Llama 3 8B: untied 128256 x 4096 embedding and head, GQA 32/8 heads of 128, SwiGLU 14336.
+    V, D, L, F, N, G, H = 128256, 4096, 32, 14336, 32, 8, 128
+    llama3_8b = 2 * V * D + L * (D * N * H + 2 * D * G * H + N * H * D + 3 * D * F + 2 * D) + D
+    assert llama3_8b == 8_030_261_248  # the published Meta-Llama-3-8B count
+    assert abstract_count(preset("llama3_8b")) == llama3_8b
+    # GPT-2 medium: 355M (the published count, tied head).
+    V, D, P, L, F = 50257, 1024, 1024, 24, 4096
+    assert abstract_count(preset("gpt2_medium")) == (
+        V * D + P * D + L * (4 * D * D + 4 * D + 2 * D * F + F + D + 4 * D) + 2 * D) == 354_823_168
     # BERT-base is 110M with token types and pooler, which this pre-norm shape lacks.
     assert 85e6 < abstract_count(preset("bert")) < 115e6
     # model.count_params agrees on a small materialized model.
