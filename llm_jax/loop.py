@@ -144,6 +144,21 @@ class _Reporter:
             self.tb.close()
 
 
+def _close_quietly(ckpts: Checkpoints) -> None:
+    """Waits for pending saves and closes the manager on every exit path, so an
+    error or Ctrl-C never leaves Orbax's background thread holding the process
+    open (an exit that hung) or a save half-finished. A failure here is reported
+    but does not hide the error that got us here."""
+    try:
+        ckpts.wait()
+    except Exception as e:  # noqa: BLE001 - the original error matters more
+        print(f"warning: a pending checkpoint save in {ckpts.directory} failed: {e}", flush=True)
+    try:
+        ckpts.close()
+    except Exception as e:  # noqa: BLE001
+        print(f"warning: closing the checkpoints in {ckpts.directory} failed: {e}", flush=True)
+
+
 def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loader, mesh,
               cfg: TrainConfig, *, progress: Callable[[str], None] = print,
               show_progress: bool = True) -> tuple[Any, dict]:
@@ -160,8 +175,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                        cfg.rollback_window)
     log = MetricsLog(os.path.join(stage_dir, "metrics.jsonl"))
 
-    def restore() -> tuple[int, Any]:
-        found = ckpts.restore_latest(abstract)
+    def restore(before: int | None = None) -> tuple[int, Any]:
+        found = ckpts.restore_latest(abstract, before=before)
         if found is None:
             return 0, None
         step, restored, data = found
@@ -170,6 +185,7 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
         return step, restored
 
     step, restored = restore()
+    last_good = step  # the checkpoint a rollback would return to
     if restored is not None:
         state = restored
         progress(f"resumed from step {step} ({ckpts.directory})")
@@ -194,15 +210,25 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 guard.rollbacks.append(step)
                 if guard.too_many(step):
                     ckpts.wait()
+                    targets = {e["rollback_to"] for e in summary["rollbacks"]}
+                    same = (f" Every rollback returned to the checkpoint at step {targets.pop()}, which "
+                            "may itself be the suspect." if len(targets) == 1 and last_good > 0 else "")
                     raise TrainingDiverged(
                         f"{len(guard.rollbacks)} loss spikes (steps {guard.rollbacks}) within "
                         f"{cfg.rollback_window} steps; last loss {loss} vs median "
                         f"{np.median(guard.history) if guard.history else float('nan'):.4g}. "
-                        f"Checkpoints in {ckpts.directory}; lower optim.lr or check the data.")
+                        f"Checkpoints in {ckpts.directory}; lower optim.lr or check the data.{same}")
                 ckpts.wait()
                 spikes = list(guard.rollbacks)
-                back, state_back = restore()  # restores the loader and guard as they were then
-                guard.rollbacks = spikes  # ...but keep counting this spike
+                # Spiking again before the next save, after a rollback to the same
+                # checkpoint, makes that checkpoint the suspect (its state, not the
+                # batches skipped since, may be what spikes): go back one further.
+                suspect = bool(summary["rollbacks"]) and summary["rollbacks"][-1]["rollback_to"] == last_good
+                back, state_back = restore(before=last_good) if suspect else (0, None)
+                if state_back is None:  # not suspect, or nothing older: the newest checkpoint
+                    suspect = False
+                    back, state_back = restore()
+                guard.rollbacks = spikes  # restore() reset the guard; keep counting this spike
                 skipped = step - back
                 _skip(loader, skipped)  # skip the batches that led up to the spike
                 event = {"rollback_from": step, "rollback_to": back, "skipped_batches": skipped,
@@ -211,8 +237,10 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 log.write(step, {k: v for k, v in event.items() if k != "rollback_from"})
                 report.scalars(step, {k: v for k, v in event.items() if k != "rollback_from"})
                 progress(f"loss spike at step {step} (loss {loss:.4g}): rolled back to step "
-                         f"{back}, skipped {skipped} batches")
-                state, step = state_back, back
+                         f"{back}, skipped {skipped} batches"
+                         + (f" (the checkpoint at step {last_good} is the suspect: it spiked again)"
+                            if suspect else ""))
+                state, step, last_good = state_back, back, back
                 continue
             guard.record(loss)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -226,10 +254,12 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
             if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
                 ckpts.save(step, state,
                            {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
+                last_good = step
+        ckpts.wait()
+        ckpts.check_for_errors()  # the last save is asynchronous too
     finally:
         report.close()  # also when the run diverges or is interrupted
-    ckpts.wait()
-    ckpts.close()
+        _close_quietly(ckpts)
     summary["seconds"] = time.time() - t0
     summary["steps_run"] = steps_done
     summary["finished"] = step >= cfg.steps
