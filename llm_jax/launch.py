@@ -71,9 +71,43 @@ def launch(command: list[str], processes: int, devices_per_process: int, timeout
             out = open(os.path.join(log_dir, f"process_{i}.log"), "w")
         procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
 
+    # SIGTERM / SIGINT to the launcher (a scheduler's stop, Ctrl-C) is passed on to
+    # every worker, then the launcher waits for them: exiting alone would orphan
+    # workers still holding the workdir and the accelerators.
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _supervise(procs, processes, timeout, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop(procs: list, sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    """Sends `sig` to the workers still running and waits; kills any left after `grace` s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(sig)
+    deadline = time.time() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _supervise(procs: list, processes: int, timeout: float | None, received: list[int]) -> int:
     start = time.time()
     failed = None
     while True:
+        if received:
+            sig = signal.Signals(received[0])
+            _stop(procs, sig)
+            print(f"launch: got {sig.name}; passed it to all {processes} processes and waited for them "
+                  "to stop", file=sys.stderr)
+            return 128 + sig.value
         codes = [p.poll() for p in procs]
         bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if bad:
@@ -86,14 +120,7 @@ def launch(command: list[str], processes: int, devices_per_process: int, timeout
             break
         time.sleep(0.2)
 
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    _stop(procs)
     i, code = failed
     if i < 0:
         print(f"launch: timed out after {timeout:.0f}s; stopped all {processes} processes", file=sys.stderr)
