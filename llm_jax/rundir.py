@@ -10,16 +10,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import importlib.metadata
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from llm_jax.config import apply_overrides, to_dict
+from llm_jax.config import ConfigError, apply_overrides, to_dict
+
+
+class WorkdirError(ConfigError):
+    """A workdir that cannot hold this run: not a directory, not writable, in use."""
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
             "tensorflow-datasets", "grain", "tokenizers")
@@ -32,6 +39,9 @@ def parse_args(description: str, default_cfg: Any, argv: list[str] | None = None
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.steps=100 (repeatable)")
     args = parser.parse_args(argv)
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        raise WorkdirError(f"--workdir {args.workdir} exists and is not a directory; give a directory "
+                           "(created if missing)")
     return args.workdir, apply_overrides(default_cfg, args.overrides)
 
 
@@ -84,8 +94,52 @@ def write_json(path: str, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+_LOCKS: dict[str, int] = {}  # workdir (real path) -> the open, locked DIR/.lock
+
+
+def lock_workdir(workdir: str) -> None:
+    """Claims `workdir` for this run until the process exits (process 0 only).
+
+    Two runs on one workdir would overwrite each other's checkpoints and append
+    to the same metrics, so the second one stops here and names the first. The
+    lock is `flock` on DIR/.lock: the kernel drops it when its process dies, so
+    a killed run never leaves the workdir locked. On a file system without
+    locks (some network mounts) it warns and goes on."""
+    if not is_primary():
+        return
+    real = os.path.realpath(workdir)
+    if real in _LOCKS:  # this process already holds it (a second stage, a test)
+        return
+    path = os.path.join(workdir, ".lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise WorkdirError(f"cannot write to the workdir {workdir} ({e.strerror}): a run writes its lock, "
+                           "run.json, checkpoints and metrics there; use a writable --workdir (copy a "
+                           "finished run elsewhere to read or resume it)") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise WorkdirError(f"the workdir {workdir} is in use by another run ({holder}); two runs on one "
+                           "workdir would overwrite each other's checkpoints. Wait for it to finish or "
+                           "stop it, or use another --workdir") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        print(f"warning: {workdir} is on a file system without file locks; nothing stops a second run "
+              "from using it at the same time", file=sys.stderr, flush=True)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+    _LOCKS[real] = fd
+
+
 def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
+    """Claims the workdir (`lock_workdir`), then records what runs in it."""
     import jax
+    lock_workdir(workdir)
     write_json(os.path.join(workdir, "run.json"), {
         "experiment": experiment, "config": to_dict(cfg), "versions": versions(),
         "git_revision": git_revision(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -98,7 +152,6 @@ def run_main(main) -> int:
     diverged run) prints what and where and exits 2, instead of a traceback from
     deep inside JAX."""
     from llm_jax.checkpoint import CheckpointError
-    from llm_jax.config import ConfigError
     from llm_jax.data.errors import DataError
     from llm_jax.data.tokenizer import TokenizerError
     from llm_jax.hf import HFError
@@ -109,6 +162,18 @@ def run_main(main) -> int:
     except (ConfigError, MeshError, CheckpointError, DataError, TokenizerError, HFError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # The disk, not the code: say which file and why, not a traceback.
+        if e.errno not in _DISK_ERRORS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or ''}. Fix the disk or directory, then rerun the same "
+              "command: finished stages are kept and an interrupted one resumes from its last "
+              "checkpoint", file=sys.stderr)
+        return 2
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR}
 
 
 class MetricsLog:
