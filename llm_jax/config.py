@@ -10,7 +10,9 @@ a typo or a bad value fails at start-up with the key's name, not mid-run.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
+import math
 import types
 import typing
 from typing import Any
@@ -175,6 +177,15 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
 
+    def validate(self, where: str = "optim") -> "OptimizerConfig":
+        _check(where, self, positive=("lr", "eps"), non_negative=("warmup_steps", "weight_decay"),
+               unit=("b1", "b2", "end_lr_ratio"))
+        if self.decay_steps is not None:
+            _check(where, self, positive=("decay_steps",))
+        if self.clip_norm is not None:
+            _check(where, self, positive=("clip_norm",))
+        return self
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -183,6 +194,13 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def validate(self, where: str = "mesh") -> "MeshConfig":
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        if any(v == 0 or v < -1 for v in sizes.values()) or list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"{where} {sizes}: each size must be positive, or -1 on at most one axis "
+                              "(it takes the devices the others leave)")
+        return self
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +228,42 @@ class TrainConfig:
     spike_window: int = 50
     max_rollbacks: int = 3
     rollback_window: int = 1000
+
+    def validate(self, where: str = "train") -> "TrainConfig":
+        _check(where, self, positive=("steps", "batch_size", "seq_len", "microbatches", "log_every",
+                                      "checkpoint_every", "keep_checkpoints", "spike_window",
+                                      "rollback_window"),
+               non_negative=("eval_every", "stop_after", "spike_factor", "spike_min_increase",
+                             "max_rollbacks"))
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"{where}.batch_size={self.batch_size} is not divisible by "
+                              f"{where}.microbatches={self.microbatches}")
+        return self
+
+
+def _check(where: str, cfg: Any, positive=(), non_negative=(), unit=()) -> None:
+    """Raises ConfigError naming the first field that is not a finite number in its
+    range: > 0 (`positive`), >= 0 (`non_negative`), in [0, 1] (`unit`)."""
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (unit, lambda v: 0 <= v <= 1, "in [0, 1]")):
+        for name in names:
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise ConfigError(f"{where}.{name}={v!r}: must be a finite number {what}")
+
+
+def validate_all(cfg: Any, where: str = "") -> Any:
+    """Validates `cfg` and every config nested in it (each class's own `validate`),
+    so a value that cannot work stops before any work, with its dotted name."""
+    for field in dataclasses.fields(cfg):
+        child = getattr(cfg, field.name)
+        if dataclasses.is_dataclass(child) and not isinstance(child, type):
+            validate_all(child, f"{where}.{field.name}" if where else field.name)
+    check = getattr(cfg, "validate", None)
+    if callable(check) and where:
+        params = inspect.signature(check).parameters
+        check(where=where) if "where" in params else check()
+    return cfg
 
 
 # ---------------------------------------------------------------------------

@@ -168,6 +168,7 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
     `show_progress` adds a progress bar on stderr updated every step. Logged metrics
     also go to TensorBoard under DIR/<stage>/tensorboard.
     """
+    cfg.validate()  # before anything is written: a zero log_every or negative steps is a ConfigError
     ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
                         keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     abstract = abstract_like(state, shardings)

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from llm_jax.config import ConfigError, apply_overrides, to_dict
+from llm_jax.config import ConfigError, apply_overrides, to_dict, validate_all
 
 
 class WorkdirError(ConfigError):
@@ -42,7 +42,7 @@ def parse_args(description: str, default_cfg: Any, argv: list[str] | None = None
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
         raise WorkdirError(f"--workdir {args.workdir} exists and is not a directory; give a directory "
                            "(created if missing)")
-    return args.workdir, apply_overrides(default_cfg, args.overrides)
+    return args.workdir, validate_all(apply_overrides(default_cfg, args.overrides))
 
 
 def versions() -> dict[str, str]:
