@@ -238,14 +238,21 @@ class Checkpoints:
         print(f"warning: {msg}; falling back to an earlier one", flush=True)
         return msg
 
-    def _move_aside(self, step: int) -> str:
-        """Moves a bad step out of the manager's sight (kept for a post-mortem), so
-        the run can save that step number again."""
-        aside = os.path.join(self.directory + "-unreadable", f"{step}-{int(time.time())}")
+    def _move_aside(self, step: int, why: str = "unreadable") -> str:
+        """Moves a bad step out of the manager's sight, to DIR/checkpoints-<why>/
+        (kept for a post-mortem, never deleted), so the run can save that step
+        number again."""
+        aside = os.path.join(f"{self.directory}-{why}", f"{step}-{int(time.time())}")
         os.makedirs(os.path.dirname(aside), exist_ok=True)
         os.replace(os.path.join(self.directory, str(step)), aside)
         self.manager.reload()
         return aside
+
+    def set_aside(self, step: int) -> str:
+        """Moves a readable but suspect step (training from it keeps spiking) to
+        DIR/checkpoints-suspect/; returns where."""
+        self.wait()
+        return self._move_aside(step, "suspect")
 
     def wait(self) -> None:
         """Blocks until async saves are on disk."""

@@ -229,6 +229,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 if state_back is None:  # not suspect, or nothing older: the newest checkpoint
                     suspect = False
                     back, state_back = restore()
+                else:  # out of the way (kept), so the retrained step can be saved again
+                    aside = ckpts.set_aside(last_good)
                 guard.rollbacks = spikes  # restore() reset the guard; keep counting this spike
                 skipped = step - back
                 _skip(loader, skipped)  # skip the batches that led up to the spike
@@ -239,8 +241,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 report.scalars(step, {k: v for k, v in event.items() if k != "rollback_from"})
                 progress(f"loss spike at step {step} (loss {loss:.4g}): rolled back to step "
                          f"{back}, skipped {skipped} batches"
-                         + (f" (the checkpoint at step {last_good} is the suspect: it spiked again)"
-                            if suspect else ""))
+                         + (f" (the checkpoint at step {last_good} is the suspect: it spiked again; "
+                            f"moved to {aside})" if suspect else ""))
                 state, step, last_good = state_back, back, back
                 continue
             guard.record(loss)

@@ -217,3 +217,30 @@ def test_load_one_part_of_the_params(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(checkpoint.CheckpointError, match=r"no 'actor' part \(found \['policy', 'value'\]\)"):
         checkpoint.load_params(str(tmp_path / "c"), abstract, key="actor")
+
+
+def test_a_checkpoint_that_spikes_again_is_the_suspect(tmp_path, capsys):
+    # The saved state at step 4 is "bad": any step taken from exactly that state
+    # spikes (as a corrupted or poisoned checkpoint would). The first spike rolls
+    # back to it; the second must fall back one checkpoint further (to 2) instead
+    # of returning to step 4 until the rollback limit (the old behaviour, which
+    # ended in TrainingDiverged blaming the learning rate).
+    data = packed_rows(n=256)
+    mesh, state, shardings, inner = setup(steps=8)
+    bad = {}
+
+    def step_fn(state, batch):
+        key = np.asarray(jax.device_get(state.params["embed"])).tobytes()
+        if int(state.step) == 4 and not bad:
+            bad["params"] = key  # the state the step-4 checkpoint holds
+        new_state, metrics = inner(state, batch)
+        if bad.get("params") == key:
+            metrics = dict(metrics, loss=jax.numpy.float32(float("nan")))
+        return new_state, metrics
+
+    cfg = TrainConfig(steps=8, batch_size=B, seq_len=T, log_every=1, checkpoint_every=2, max_rollbacks=3)
+    _, summary = loop.run_stage(str(tmp_path / "s"), state, shardings, step_fn, RowLoader(data, B, seed=0),
+                                mesh, cfg, progress=print, show_progress=False)
+    assert [(e["rollback_from"], e["rollback_to"]) for e in summary["rollbacks"]] == [(5, 4), (5, 2)]
+    assert summary["finished"]
+    assert "the checkpoint at step 4 is the suspect" in capsys.readouterr().out
