@@ -178,7 +178,8 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
         return done
     write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
-    data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size)
+    data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
+                                   kind="pretrain")
     shards = cfg.data_shards or jax.process_count()
     loader = ShardedLoader(data_cfg, tok, shards)
     eval_cfg = dataclasses.replace(data_cfg, split=cfg.eval_split, shuffle=False)

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 from experiments.pipeline import DPOStage, SFTStage
 from llm_jax import checkpoint, hf, launch, lora, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
-from llm_jax.data.loader import DataConfig, ShardedLoader
+from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import (TokenizerError, check_vocab_fits, load_hf_tokenizer, load_tokenizer,
@@ -214,7 +214,8 @@ def train_stage(stage_dir, state, shardings, loss_fn, normalizer_fn, tx, schedul
 def sft_heldout_loss(cfg: Config, params, tok, mesh) -> float | None:
     if not cfg.sft_eval:
         return None
-    loader = loader_for(cfg.sft.data, cfg.sft.train, tok, cfg.sft_eval, shuffle=False, num_epochs=1)
+    loader = loader_for(cfg.sft.data, cfg.sft.train, tok, cfg.sft_eval, shuffle=False, num_epochs=1,
+                        kind="sft")
     fn = jax.jit(lambda p, b: sft.eval_loss(cfg.model, p, b))
     total = count = 0.0
     for _, batch in zip(range(cfg.eval_batches), loader):
@@ -230,7 +231,8 @@ def dpo_heldout_accuracy(cfg: Config, policy, reference, tok, mesh) -> float | N
     here, after training."""
     if not cfg.dpo_eval:
         return None
-    loader = loader_for(cfg.dpo.data, cfg.dpo.train, tok, cfg.dpo_eval, shuffle=False, num_epochs=1)
+    loader = loader_for(cfg.dpo.data, cfg.dpo.train, tok, cfg.dpo_eval, shuffle=False, num_epochs=1,
+                        kind="preferences")
     S = cfg.dpo.data.max_segments
 
     def margins(p, b):
@@ -267,6 +269,10 @@ def main(argv=None) -> int:
             raise ConfigError(f"{name}.train.seq_len={tr.seq_len} exceeds model.max_len={cfg.model.max_len}")
     if cfg.dpo.loss not in ("dpo", "ipo"):
         raise ConfigError(f"dpo.loss={cfg.dpo.loss!r}: expected 'dpo' or 'ipo'")
+    # Both stages' records (and held-out files), before SFT trains (not DPO's after it).
+    for data, kind, heldout in ((cfg.sft.data, "sft", cfg.sft_eval), (cfg.dpo.data, "preferences", cfg.dpo_eval)):
+        for source in filter(None, (data.source, heldout)):
+            check_stage_data(dataclasses.replace(data, source=source), kind)
     os.makedirs(workdir, exist_ok=True)
     try:
         tok = tok or run_tokenizer(workdir, cfg)
@@ -295,7 +301,7 @@ def main(argv=None) -> int:
             state, shardings = train.state_from_params(init, tx, mesh, cfg.sft.train.seed)
             frozen = init if cfg.sft.kl_coef > 0 else None
             del init
-        loader = loader_for(cfg.sft.data, cfg.sft.train, tok)
+        loader = loader_for(cfg.sft.data, cfg.sft.train, tok, kind="sft")
         state, summary = train_stage(stage_dir, state, shardings, loss_fn, sft.weight_sum, tx, schedule, loader,
                                      mesh, cfg.sft.train, frozen=frozen)
         if not summary["finished"]:
@@ -318,8 +324,8 @@ def main(argv=None) -> int:
         d = cfg.dpo
         reference = sft_final(workdir, cfg, like, mesh)
         cache_dir = os.path.join(stage_dir, "reference")
-        dpo.build_reference_cache(cfg.model, reference, loader_for(d.data, d.train, tok), d.train.steps,
-                                  cache_dir, mesh, reference=f"{workdir}/sft", progress=say)
+        dpo.build_reference_cache(cfg.model, reference, loader_for(d.data, d.train, tok, kind="preferences"),
+                                  d.train.steps, cache_dir, mesh, reference=f"{workdir}/sft", progress=say)
         before = dpo_heldout_accuracy(cfg, reference, reference, tok, mesh)
         tx, schedule = train.make_optimizer(d.optim, d.train.steps)
         loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta,
@@ -334,7 +340,7 @@ def main(argv=None) -> int:
             state, shardings = train.state_from_params(sft_final(workdir, cfg, like, mesh), tx, mesh,
                                                        d.train.seed)
             frozen = None
-        loader = dpo.CachedReferenceLoader(loader_for(d.data, d.train, tok), cache_dir)
+        loader = dpo.CachedReferenceLoader(loader_for(d.data, d.train, tok, kind="preferences"), cache_dir)
         state, summary = train_stage(stage_dir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
                                      loader, mesh, d.train, frozen=frozen)
         if not summary["finished"]:

@@ -38,7 +38,7 @@ from experiments import pretrain as pretrain_experiment
 from llm_jax import evals, launch, loop, model, report, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import preferences
-from llm_jax.data.loader import DataConfig, ShardedLoader
+from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
 from llm_jax.stages import dpo, ppo, reward, runner, sft
@@ -195,7 +195,7 @@ def run_sft(workdir: str, cfg: Config, mesh, tok) -> dict | None:
                                         per_task=cfg.eval.instruction_per_task, seed=cfg.eval.seed)
     tx, schedule = train.make_optimizer(cfg.sft.optim, cfg.sft.train.steps)
     state, shardings = train.state_from_params(base, tx, mesh, cfg.sft.train.seed)
-    loader = stage_loader(cfg.sft.data, cfg.sft.train, tok)
+    loader = stage_loader(cfg.sft.data, cfg.sft.train, tok, kind="sft")
     state, summary = train_stage("sft", workdir, state, shardings, sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef),
                                  sft.weight_sum, tx, schedule, loader, mesh, cfg.sft.train,
                                  frozen=base if cfg.sft.kl_coef > 0 else None)
@@ -213,7 +213,7 @@ def run_sft(workdir: str, cfg: Config, mesh, tok) -> dict | None:
 
 
 def rm_accuracy(cfg: Config, params, tok, mesh) -> float:
-    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, split="eval", shuffle=False)
+    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, split="eval", shuffle=False, kind="preferences")
     fn = jax.jit(lambda p, b: reward.pairwise_accuracy(cfg.model, p, b, cfg.rm.data.max_segments))
     correct = total = 0.0
     for _ in range(cfg.rm.eval_batches):
@@ -232,7 +232,7 @@ def run_rm(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     tx, schedule = train.make_optimizer(cfg.rm.optim, cfg.rm.train.steps)
     state, shardings = train.state_from_params(params, tx, mesh, cfg.rm.train.seed)
     before = rm_accuracy(cfg, state.params, tok, mesh)
-    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok)
+    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, kind="preferences")
     state, summary = train_stage("rm", workdir, state, shardings,
                                  reward.rm_loss_fn(cfg.model, cfg.rm.data.max_segments), reward.pair_count,
                                  tx, schedule, loader, mesh, cfg.rm.train)
@@ -304,12 +304,12 @@ def run_dpo(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     sft_params = runner.stage_params(workdir, "sft", lm_like(cfg, mesh))
     cache_dir = os.path.join(stage_dir, "reference")
     t0 = time.time()
-    dpo.build_reference_cache(cfg.model, sft_params, stage_loader(d.data, d.train, tok), d.train.steps,
-                              cache_dir, mesh, progress=say)
+    dpo.build_reference_cache(cfg.model, sft_params, stage_loader(d.data, d.train, tok, kind="preferences"),
+                              d.train.steps, cache_dir, mesh, progress=say)
     ref_seconds = time.time() - t0
     tx, schedule = train.make_optimizer(d.optim, d.train.steps)
     state, shardings = train.state_from_params(sft_params, tx, mesh, d.train.seed)
-    loader = dpo.CachedReferenceLoader(stage_loader(d.data, d.train, tok), cache_dir)
+    loader = dpo.CachedReferenceLoader(stage_loader(d.data, d.train, tok, kind="preferences"), cache_dir)
     loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta, label_smoothing=d.label_smoothing,
                               loss=d.loss)
     state, summary = train_stage("dpo", workdir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
@@ -372,6 +372,10 @@ def main(argv=None) -> int:
     pretrain_experiment.check_config(pcfg, tok, mesh)
     for name in ("sft", "rm", "dpo"):
         check_stage(cfg, name, getattr(cfg, name).train, mesh)
+    # Each stage's records, before the first stage trains (not SFT's after pretraining).
+    for data, kind in ((pcfg.data, "pretrain"), (cfg.sft.data, "sft"), (cfg.rm.data, "preferences"),
+                       (cfg.dpo.data, "preferences")):
+        check_stage_data(data, kind)
     cfg.ppo.ppo.validate()
     # Every PPO update's minibatch is split over the data axes like a training batch.
     sharding.check_batch_fits_mesh(cfg.ppo.ppo.rollout_batch,

@@ -27,7 +27,9 @@ def test_resume_from_state_sees_the_same_batches(source):
     first = Loader(cfg, TOK, shard_index=0, shard_count=1)
     take(first, 5)  # N batches
     state = json.loads(json.dumps(first.get_state()))  # survives a JSON round trip (checkpoint)
-    assert len(json.dumps(state)) < 400
+    # small: positions, counters and the skip report (at most 5 places per reason; at
+    # seq_len 64 a few built-in pairs are equal once truncated, and are skipped)
+    assert len(json.dumps(state)) < 600
     want = take(first, 8)  # M more: crosses the 40-record epoch boundary
     fresh = Loader(cfg, TOK, shard_index=0, shard_count=1)
     fresh.set_state(state)

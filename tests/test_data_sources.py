@@ -148,7 +148,7 @@ def test_source_name_errors():
                      ("builtin:sft/juggle", "unknown task 'juggle'")]:
         with pytest.raises(DataError, match=msg):
             open_source(bad)
-    with pytest.raises(DataError, match="builtin:sft makes sft records, but kind='pretrain'"):
+    with pytest.raises(DataError, match='builtin:sft holds sft records .*; the pretraining stage needs'):
         open_source("builtin:sft", kind="pretrain")
     with pytest.raises(DataError, match="split 'test'"):
         open_source("builtin:sft", split="test")

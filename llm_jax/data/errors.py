@@ -30,6 +30,15 @@ class SkipReport:
         if len(first) < FIRST_PLACES:
             first.append(place)
 
+    def merged(self, other: "SkipReport") -> "SkipReport":
+        """Both reports' counts added up, and the first places of each reason (this report's first)."""
+        out = SkipReport.from_dict(self.to_dict())
+        for reason, n in other.counts.items():
+            out.counts[reason] = out.counts.get(reason, 0) + n
+            first = out.places.setdefault(reason, [])
+            first.extend(other.places.get(reason, [])[:FIRST_PLACES - len(first)])
+        return out
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())

@@ -20,6 +20,10 @@ Records longer than the context (`seq_len + 1` tokens, since a row of
   response token is dropped ("prompt does not fit the context");
 * otherwise the response (each of chosen/rejected) is truncated, losing its
   eos; such records are counted as "truncated".
+* a preference pair whose chosen and rejected are the same tokens once
+  truncated (they differ only past the context) is dropped: it carries no
+  preference, yet would add log 2 to the loss, count in the pair normalizer and
+  as a wrong answer in accuracy.
 * classification text is cut to its first `seq_len + 1` tokens (counted as
   "truncated"): a label belongs to the whole text, so chunks would each need it.
 """
@@ -30,6 +34,7 @@ import numpy as np
 
 Example = tuple[np.ndarray, np.ndarray]  # (tokens int32 [n], weights float32 [n])
 PROMPT_TOO_LONG = "prompt does not fit the context"
+SAME_AFTER_TRUNCATION = "chosen and rejected identical after truncation to seq_len={}"
 
 
 def _example(tokens: list[int], first_scored: int) -> Example:
@@ -79,4 +84,8 @@ def to_examples(record: dict, kind: str, tok, seq_len: int) -> tuple[list, int] 
     if isinstance(chosen, str):
         return chosen
     rejected = sft_example(tok, record["prompt"], record["rejected"], seq_len, head)
+    # check_record refuses equal answers, but two that differ only beyond the context
+    # become equal here. Equal tokens mean equal weights too (same prompt part).
+    if np.array_equal(chosen[0][0], rejected[0][0]):
+        return SAME_AFTER_TRUNCATION.format(seq_len)
     return [(chosen[0], rejected[0])], int(chosen[1] or rejected[1])

@@ -31,6 +31,14 @@ segment id s + 1 in row r, and `label_mask[r, s]` marks the sequences that
 exist. With `num_classes` set, a label >= num_classes stops the run with a
 DataError naming the record's file:line: it means the data has more classes
 than the head, which skipping would hide by dropping a whole class.
+
+Records are skipped at two times and counted as one number: those a local
+file lost when it was built (all of the file, known before the first step and
+printed in one line when the loader starts) plus those found while reading
+this loader's shards (too long for the context, ...). `stats["skipped"]` holds
+both, so `data_skipped` in metrics.jsonl counts every record left out (with
+several processes: process 0's shards, plus the whole file's build skips);
+"skipped_when_built" and "skipped_when_read" keep the two apart.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from llm_jax.data.formats import to_examples
 from llm_jax.data.packing import PAIR_PREFIXES, FirstFit, empty_batch, write
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import Source, open_source
+from llm_jax.rundir import say
 
 STATE_VERSION = 1
 
@@ -60,7 +69,10 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 32  # global rows per step, over all processes
     seed: int = 0  # shuffling, and the built-in world's generator
-    kind: str | None = None  # pretrain | sft | preferences; None: implied by the source
+    # The record kind the stage needs (pretrain | sft | preferences | classification), set by
+    # the experiment for each stage: a source without those fields stops before training.
+    # None: implied by the source.
+    kind: str | None = None
     data_dir: str | None = None  # tfds: where prepared datasets live (may be gs://)
     cache_dir: str = "~/.cache/llm_jax/data"  # jsonl/text: where their datasets are built
     size: int = 10_000  # builtin: train records (eval: size // 10, at least 100)
@@ -78,6 +90,28 @@ class DataConfig:
         if self.num_classes < 0:
             raise DataError(f"data.num_classes={self.num_classes} must be >= 0 (0: labels not checked)")
         return self
+
+
+def check_stage_data(config: DataConfig, kind: str) -> None:
+    """Opens a stage's source as `kind` records: a source of another kind (or missing,
+    unreadable, empty) is a DataError now, before an earlier stage spends its time."""
+    c = config
+    open_source(c.source, split=c.split, kind=kind, seed=c.seed, size=c.size, data_dir=c.data_dir,
+                cache_dir=c.cache_dir, download=c.download)
+
+
+_ANNOUNCED: set[tuple[str, str]] = set()  # (source, report) lines printed by this process
+
+
+def _announce_build_skips(source: Source) -> None:
+    """One line, on process 0, once per source and report (not once per data shard or
+    per loader of the same file): what building the file skipped, by reason and place."""
+    report = source.build_report
+    key = (source.name, report.summary())
+    if report.total and key not in _ANNOUNCED:
+        _ANNOUNCED.add(key)
+        say(f"data: {source.name}: skipped {report.total} bad records building it (counted in "
+            f"data_skipped): {report.summary()}")
 
 
 def _examples(source: Source, kind: str, tokenizer, seq_len: int, index: int):
@@ -126,6 +160,7 @@ class Loader:
         # Fail before training starts when no record is usable (bad file,
         # wrong kind, every prompt too long): build one batch and discard it.
         self._next_batch(dry_run=True)
+        _announce_build_skips(self.source)
 
     # -- state ---------------------------------------------------------------
 
@@ -154,9 +189,11 @@ class Loader:
     def stats(self) -> dict:
         """Counters for the stage's metrics. Records are counted in their first epoch only."""
         s = self._state
+        skipped = self.source.build_report.merged(self._skipped)  # one true count (module docstring)
         return {"records_used": s["records"], "truncated": s["truncated"],
-                "skipped": dict(self._skipped.counts), "skipped_at": dict(self._skipped.places),
+                "skipped": dict(skipped.counts), "skipped_at": dict(skipped.places),
                 "skipped_when_built": self.source.build_report.to_dict(),
+                "skipped_when_read": self._skipped.to_dict(),
                 "slots": s["slots"], "real_slots": s["real_slots"],
                 "packing_efficiency": s["real_slots"] / max(s["slots"], 1)}
 
@@ -306,16 +343,17 @@ class ShardedLoader:
     @property
     def stats(self) -> dict:
         parts = [x.stats for x in self.loaders]
-        skipped: dict = {}
+        read = SkipReport()
         for p in parts:
-            for reason, n in p["skipped"].items():
-                skipped[reason] = skipped.get(reason, 0) + n
+            read = read.merged(SkipReport.from_dict(p["skipped_when_read"]))
+        # every shard reads the same built source: its build report counts once
+        built = SkipReport.from_dict(parts[0]["skipped_when_built"])
+        skipped = built.merged(read)
         slots, real = sum(p["slots"] for p in parts), sum(p["real_slots"] for p in parts)
         return {"records_used": sum(p["records_used"] for p in parts),
-                "truncated": sum(p["truncated"] for p in parts), "skipped": skipped,
-                "skipped_at": {k: v for p in parts for k, v in p["skipped_at"].items()},
-                # every shard reads the same built source: its build report once
-                "skipped_when_built": parts[0]["skipped_when_built"],
+                "truncated": sum(p["truncated"] for p in parts), "skipped": dict(skipped.counts),
+                "skipped_at": dict(skipped.places),
+                "skipped_when_built": built.to_dict(), "skipped_when_read": read.to_dict(),
                 "slots": slots, "real_slots": real, "packing_efficiency": real / max(slots, 1)}
 
     def __iter__(self):

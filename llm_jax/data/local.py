@@ -24,7 +24,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from llm_jax.data.errors import DataError, SkipReport
-from llm_jax.data.records import INT_FIELDS, KINDS, read_jsonl, read_text
+from llm_jax.data.records import (INT_FIELDS, KINDS, first_json_object, has_fields, read_jsonl, read_text,
+                                  wrong_kind)
 
 READERS = {"jsonl": read_jsonl, "text": read_text}
 SKIPPED_FILE = "skipped.json"
@@ -94,8 +95,12 @@ def prepare(fmt: str, path: str, kind: str, cache_dir: str) -> tuple[str, SkipRe
         else:
             records.append((line, rec))
     if not records:
-        raise DataError(f"{fmt}:{path}: no usable {kind} record (fields {list(KINDS[kind])}); "
-                        f"skipped: {report.summary()}")
+        why = f"no usable {kind} record (fields {list(KINDS[kind])}); skipped: {report.summary()}"
+        # Most often the file is of another kind (SFT given preference pairs): say so first.
+        sample = first_json_object(path) if fmt == "jsonl" else None
+        if sample is not None and not has_fields(sample, kind):
+            raise DataError(f"{wrong_kind(f'{fmt}:{path}', sample, kind)}: {why}")
+        raise DataError(f"{fmt}:{path}: {why}")
     builder = LlmJaxLocal(records=records, config=kind, data_dir=root, file_format="array_record")
     builder.download_and_prepare()
     with open(report_path + ".tmp", "w") as f:

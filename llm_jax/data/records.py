@@ -13,7 +13,9 @@ record or the reason it is unusable; readers yield `(line, record_or_reason)`
 so every skip can be reported with its file and line.
 
 File rules:
-* `jsonl:PATH`: one JSON object per line; blank lines are not records.
+* `jsonl:PATH`: one JSON object per line; blank lines are not records. A line
+  that cannot be read (not UTF-8, malformed JSON, nested too deeply, a number
+  with too many digits) is a reason like any check's, never an exception.
 * `text:PATH`: one document per paragraph; paragraphs are separated by one or
   more blank (or whitespace-only) lines, and keep their inner newlines, because
   a few-shot document or a poem is several lines long. A paragraph's place is
@@ -23,7 +25,9 @@ File rules:
 from __future__ import annotations
 
 import json
+import math
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,12 +40,52 @@ KINDS: dict[str, tuple[str, ...]] = {
     "classification": ("text", "label"),
 }
 INT_FIELDS = frozenset({"label"})  # every other field is a string
+# Labels travel as int32 in a batch (and int64 in a built dataset): a larger one is no class index.
+LABEL_LIMIT = 2**31
+# How messages name each kind: "holds pretraining records", "the sft stage needs".
+KIND_NAMES = {"pretrain": "pretraining", "sft": "sft", "preferences": "preference",
+              "classification": "classification"}
 
 
 def check_kind(kind: str) -> tuple[str, ...]:
     if kind not in KINDS:
         raise DataError(f"unknown record kind {kind!r}; expected one of {sorted(KINDS)}")
     return KINDS[kind]
+
+
+def fields_text(fields) -> str:
+    """{"prompt","response"}: fields as a record shows them."""
+    return "{" + ",".join(f'"{f}"' for f in fields) + "}"
+
+
+def kind_of(raw: Any) -> str | None:
+    """The most specific kind whose fields `raw` has (classification over pretrain), or None."""
+    fields = raw.keys() if isinstance(raw, dict) else ()
+    for kind in ("preferences", "sft", "classification", "pretrain"):
+        if all(f in fields for f in KINDS[kind]):
+            return kind
+    return None
+
+
+def has_fields(raw: Any, kind: str) -> bool:
+    """Whether `raw` (a record, or a kind's name) has every field `kind` needs; extra fields
+    are fine: {"text", "label"} records are also a pretraining corpus."""
+    fields = KINDS[raw] if isinstance(raw, str) else raw.keys() if isinstance(raw, dict) else ()
+    return all(f in fields for f in check_kind(kind))
+
+
+def wrong_kind(source: str, found: Any, kind: str) -> str:
+    """The message for a source whose records (`found`: a kind's name or a sample record)
+    lack fields the `kind` stage needs: it names the source, what it holds and what is needed."""
+    found_kind = found if isinstance(found, str) else kind_of(found)
+    if found_kind is not None:
+        holds = f"{KIND_NAMES[found_kind]} records {fields_text(KINDS[found_kind])}"
+    elif isinstance(found, dict):
+        holds = f"records with fields {fields_text(sorted(map(str, found)))}"
+    else:
+        holds = f"records that are not JSON objects ({type(found).__name__})"
+    return (f"data.source={source} holds {holds}; the {KIND_NAMES[kind]} stage needs "
+            f"{fields_text(KINDS[kind])} records")
 
 
 def check_record(raw: Any, kind: str) -> dict | str:
@@ -72,6 +116,14 @@ def check_record(raw: Any, kind: str) -> dict | str:
             return f"field '{field}' is {type(value).__name__}, not a string"
         if not value.strip():
             return f"empty field '{field}'"
+        # JSON may escape half a surrogate pair ("\ud800"): a str that no UTF-8 writer
+        # (the built dataset, the tokenizer) accepts. isascii() is O(1) in CPython, so
+        # the encode only runs for non-ASCII text.
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"field '{field}' is not valid Unicode (a lone surrogate)"
         out[field] = value
     if kind == "preferences" and out["chosen"] == out["rejected"]:
         return "chosen equals rejected"
@@ -83,10 +135,17 @@ def _class_index(field: str, value: Any) -> int | str:
     Floats and bools are refused: `1.0` or `true` in a label column is a data bug."""
     if hasattr(value, "item") and getattr(value, "shape", None) == ():
         value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):  # JSON's NaN, Infinity, -Infinity
+        name = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        return f"field '{field}' is {name}, not an integer class index"
     if isinstance(value, bool) or not isinstance(value, int):
         return f"field '{field}' is {type(value).__name__}, not an integer class index"
+    # Range before value: a reason never prints a huge number (JSON allows thousands of digits).
+    if value >= LABEL_LIMIT:
+        return f"field '{field}' is too large for a class index (2**31 or more)"
     if value < 0:
-        return f"field '{field}' is {value}, not a class index (>= 0)"
+        shown = value if value > -LABEL_LIMIT else "below -2**31"
+        return f"field '{field}' is {shown}, not a class index (>= 0)"
     return value
 
 
@@ -98,6 +157,35 @@ def check_file(path: str) -> None:
         raise DataError(f"{path}: the file is empty")
 
 
+def parse_line(raw: bytes) -> tuple[Any, str | None]:
+    """(the JSON value of one line, None) or (None, the reason it cannot be read).
+
+    Every way a line can fail to parse is a reason, never an exception: a bad line
+    is skipped and counted with its place like any other."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "line is not valid UTF-8"
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        return None, f"malformed JSON ({e.msg})"
+    except RecursionError:  # [[[[...]]]] deeper than the interpreter's stack
+        return None, "malformed JSON (nested too deeply)"
+    except ValueError:  # the only other ValueError of json.loads: Python's limit on integer digits
+        return None, f"number too long to read (over {sys.get_int_max_str_digits()} digits)"
+
+
+def first_json_object(path: str) -> dict | None:
+    """The first line of a jsonl file that is a JSON object (what kind of records it holds)."""
+    with open(path, "rb") as f:
+        for raw in f:
+            obj, _ = parse_line(raw)
+            if isinstance(obj, dict):
+                return obj
+    return None
+
+
 def read_jsonl(path: str, kind: str) -> Iterator[tuple[int, dict | str]]:
     """(line number, record or reason) for every non-blank line."""
     check_file(path)
@@ -105,17 +193,8 @@ def read_jsonl(path: str, kind: str) -> Iterator[tuple[int, dict | str]]:
         for line_no, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield line_no, "line is not valid UTF-8"
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield line_no, f"malformed JSON ({e.msg})"
-                continue
-            yield line_no, check_record(obj, kind)
+            obj, reason = parse_line(raw)
+            yield line_no, reason or check_record(obj, kind)
 
 
 def read_text(path: str, kind: str) -> Iterator[tuple[int, dict | str]]:

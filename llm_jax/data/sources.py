@@ -15,19 +15,19 @@ and then read exactly like a catalog dataset; their only split is "train"
 (TFDS slicing such as "train[:90%]" works). A source's kind (pretrain, sft,
 preferences, classification) is given by the config, or implied: builtin by its name, text by
 its format, jsonl and tfds by the fields of their first record (never classification, which
-is asked for by name).
+is asked for by name). A given kind is the one the stage needs: a source whose records lack
+its fields is a DataError naming the source, the kind it holds and the kind needed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Sequence
 
 from llm_jax.data import builtin, classify, local, preferences
 from llm_jax.data.errors import DataError, SkipReport
-from llm_jax.data.records import KINDS, check_file, check_kind
+from llm_jax.data.records import KINDS, check_file, check_kind, first_json_object, has_fields, wrong_kind
 
 BUILTIN_KINDS = {"pretrain": "pretrain", "sft": "sft", "chat": "sft", "preferences": "preferences",
                  "classify": "classification"}
@@ -130,16 +130,28 @@ def open_source(source: str, *, split: str = "train", kind: str | None = None, s
     scheme, sep, spec = source.partition(":")
     if not sep or not spec:
         raise DataError(f"source {source!r}: expected SCHEME:NAME with SCHEME in builtin, tfds, jsonl, text")
+    # A given kind is what the stage needs. A source whose records lack one of its fields
+    # stops here, before anything trains, naming what the source holds (see `wrong_kind`);
+    # a jsonl file is checked line by line and stops when no line has the fields (`local.prepare`).
     if kind is not None:
         check_kind(kind)
     if scheme == "builtin":
         src = _open_builtin(spec, split, size, seed)
+        if kind is not None and not has_fields(src.kind, kind):
+            raise DataError(wrong_kind(source, src.kind, kind))
+        src = dataclasses.replace(src, kind=kind or src.kind)
     elif scheme == "tfds":
         records = _open_tfds(spec, split, data_dir, download)
         if len(records) == 0:
             raise DataError(f"{source}: split {split!r} is empty")
+        # Every record of a TFDS dataset has the same features: the first one's are all of them.
+        if kind is not None and not has_fields(records[0], kind):
+            raise DataError(wrong_kind(source, records[0], kind))
         src = Source(source, kind or _infer_kind(records[0], source), records)
     elif scheme in local.READERS:
+        if scheme == "text" and kind is not None and not has_fields("pretrain", kind):
+            raise DataError(wrong_kind(source, "pretrain", kind) + "; plain text makes only pretraining "
+                            "records, use a jsonl file")
         if kind is None:
             kind = "pretrain" if scheme == "text" else _first_jsonl_kind(spec)
         root, report = local.prepare(scheme, spec, kind, cache_dir)
@@ -150,20 +162,13 @@ def open_source(source: str, *, split: str = "train", kind: str | None = None, s
         src = Source(source, kind, records, report)
     else:
         raise DataError(f"source {source!r}: unknown scheme {scheme!r}; expected builtin, tfds, jsonl or text")
-    if kind is not None and src.kind != kind:
-        raise DataError(f"{source} makes {src.kind} records, but kind={kind!r} was asked for")
     return src
 
 
 def _first_jsonl_kind(path: str) -> str:
     """The kind implied by the first line that is a JSON object."""
     check_file(path)
-    with open(path, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if isinstance(obj, dict):
-                return _infer_kind(obj, f"jsonl:{path}")
+    obj = first_json_object(path)  # a line that cannot be read is passed over (and later skipped)
+    if obj is not None:
+        return _infer_kind(obj, f"jsonl:{path}")
     raise DataError(f"jsonl:{path}: no line is a JSON object; cannot tell the record kind")
