@@ -9,7 +9,10 @@ sharded with `model.safetensors.index.json`): weights never pass through pickle,
 and this module needs neither torch nor transformers. The safetensors format is
 read and written here directly (an 8-byte header length, a JSON header, raw
 little-endian bytes), memory-mapped, with bfloat16 through `ml_dtypes` (which
-JAX ships), so a multi-gigabyte file is never copied whole into memory.
+JAX ships), so a multi-gigabyte file is never copied whole into memory. What is
+read from disk is checked before it is used (the safetensors header against the
+format spec, the index's shard paths, each config.json field's type): a malformed
+file is an HFError naming the file and the tensor or field, never a wrong read.
 
 Families (`model_type` in config.json) and the llm_jax layout they map to:
     gpt2                 learned positions, LayerNorm, tanh GELU, biases, tied head;
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from typing import Any, Callable
@@ -39,7 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from llm_jax import model
-from llm_jax.config import ModelConfig
+from llm_jax.config import ConfigError, ModelConfig
 
 Params = dict[str, Any]
 CONFIG_FILE = "config.json"
@@ -61,23 +65,137 @@ _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_d
 _DTYPE_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
+# The safetensors format caps the header at 100 MB (the reference reader refuses more),
+# so a corrupt length field is an error, not a 2^62-byte read.
+_MAX_HEADER = 100_000_000
+_ENTRY_KEYS = ("dtype", "shape", "data_offsets")
+
+
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of one .safetensors file as read-only memory-mapped numpy arrays."""
+    """All tensors of one .safetensors file as read-only memory-mapped numpy arrays.
+
+    The whole header is checked before any byte is mapped, against the safetensors
+    format spec: an 8-byte little-endian header length (at most 100 MB, inside the
+    file), a UTF-8 JSON object without duplicate keys, each tensor exactly
+    {dtype, shape, data_offsets} whose byte range holds prod(shape) elements, the
+    ranges tiling the data section with no overlap and no hole, and an optional
+    `__metadata__` of strings. Anything else is an HFError naming the file, the
+    tensor and the value: a malformed file must never read the wrong bytes."""
+    header, data_start, data_len = _read_header(path)
+    meta = header.pop("__metadata__", None)  # null: no metadata, as the reference reader takes it
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise HFError(f"{path}: __metadata__ must map strings to strings, got {meta!r}")
+    spans = {name: _tensor_span(path, name, entry) for name, entry in header.items()}
+    _check_tiling(path, spans, data_len)
+    # np.memmap cannot map zero bytes; a data section that holds only empty tensors needs none.
+    data = (np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)) if data_len
+            else np.zeros(0, np.uint8))
+    return {name: data[begin:end].view(_DTYPES[header[name]["dtype"]]).reshape(header[name]["shape"])
+            for name, (begin, end) in spans.items()}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object_pairs_hook: the safetensors format disallows duplicate keys, and
+    json.loads would silently keep the last one."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _read_header(path: str) -> tuple[dict, int, int]:
+    """(the JSON header, where the data section starts, its length in bytes)."""
     try:
         with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as e:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise HFError(f"{path}: {size} bytes, shorter than the 8-byte header length "
+                              "a safetensors file starts with")
+            n = int.from_bytes(prefix, "little")
+            if n > _MAX_HEADER:
+                raise HFError(f"{path}: header length {n} exceeds the safetensors format's limit of "
+                              f"{_MAX_HEADER} bytes (not a safetensors file, or a corrupt one)")
+            if 8 + n > size:
+                raise HFError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            raw = f.read(n)
+    except OSError as e:
         raise HFError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if header else None
-    out = {}
-    for name, info in header.items():
-        if info["dtype"] not in _DTYPES:
-            raise HFError(f"{path}: tensor {name} has dtype {info['dtype']}, which is not supported")
-        start, end = info["data_offsets"]
-        out[name] = data[start:end].view(_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
+    try:
+        # Decoded explicitly: json.loads would also accept UTF-16 or UTF-32 bytes.
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise HFError(f"{path}: the header holds the key {e.args[0]!r} twice "
+                      "(the safetensors format disallows duplicate keys)") from None
+    except UnicodeDecodeError as e:
+        raise HFError(f"{path}: the header is not UTF-8 ({e})") from None
+    except ValueError as e:
+        raise HFError(f"{path}: the header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise HFError(f"{path}: the header is a JSON {type(header).__name__}, not a JSON object "
+                      "of tensor names")
+    return header, 8 + n, size - 8 - n
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # JSON true is not a dimension
+
+
+def _tensor_span(path: str, name: str, entry) -> tuple[int, int]:
+    """The checked [begin, end) byte range of one header entry."""
+    where = f"{path}: tensor {name}"
+    if not isinstance(entry, dict):
+        raise HFError(f"{where}: expected an object with dtype, shape and data_offsets, got {entry!r}")
+    missing = [k for k in _ENTRY_KEYS if k not in entry]
+    extra = sorted(k for k in entry if k not in _ENTRY_KEYS)
+    if missing or extra:
+        raise HFError(f"{where}: " + "; ".join(
+            ([f"no {', '.join(missing)}"] if missing else [])
+            + ([f"unknown keys {extra} (a safetensors tensor has exactly dtype, shape and data_offsets)"]
+               if extra else [])))
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise HFError(f"{where} has dtype {dtype!r}, which is not supported (supported: {', '.join(_DTYPES)})")
+    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        raise HFError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise HFError(f"{where}: data_offsets {offsets!r} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    need = math.prod(shape) * np.dtype(_DTYPES[dtype]).itemsize  # Python ints: no overflow
+    if end - begin != need:
+        raise HFError(f"{where}: data_offsets {offsets} span {end - begin} bytes, but shape {shape} of "
+                      f"{dtype} needs {need}")
+    return begin, end
+
+
+def _check_tiling(path: str, spans: dict[str, tuple[int, int]], data_len: int) -> None:
+    """The safetensors format requires the byte ranges to cover the data section
+    entirely, without holes: sorted by offset, each starts where the one before ends
+    and the last ends at the end of the file. So no byte is read as two tensors, and
+    none goes unaccounted for (bytes no tensor owns could carry anything)."""
+    for name, (begin, end) in spans.items():
+        if end > data_len:
+            raise HFError(f"{path}: tensor {name}: data_offsets [{begin}, {end}] run past the end of "
+                          f"the data section ({data_len} bytes)")
+    at, before = 0, None
+    for name, (begin, end) in sorted(spans.items(), key=lambda item: item[1]):
+        if begin < at:
+            raise HFError(f"{path}: tensor {name}: data_offsets [{begin}, {end}] overlaps tensor "
+                          f"{before} ({list(spans[before])})")
+        if begin > at:
+            raise HFError(f"{path}: bytes {at}..{begin} of the data section, before tensor {name}, "
+                          "belong to no tensor")
+        at, before = end, name
+    if at != data_len:
+        raise HFError(f"{path}: bytes {at}..{data_len} of the data section, after the last tensor, "
+                      "belong to no tensor")
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
@@ -105,20 +223,72 @@ def read_weights(directory: str) -> dict[str, np.ndarray]:
     """Every tensor of a HF directory: model.safetensors, or the shards its index names."""
     index = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
-    elif os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
-        files = [WEIGHTS_FILE]
-    else:
-        found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
-        pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = (f" (found {pickles}: pickle files are never loaded; convert them to safetensors "
-                "with `transformers` first)" if pickles else "")
-        raise HFError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
-    tensors: dict[str, np.ndarray] = {}
-    for name in files:
-        tensors.update(read_safetensors(os.path.join(directory, name)))
-    return tensors
+        owner = _read_index(directory, index)
+        tensors: dict[str, np.ndarray] = {}
+        for path in dict.fromkeys(owner.values()):
+            shard = read_safetensors(path)
+            _check_shard_matches_index(index, path, shard, owner)
+            tensors.update(shard)  # disjoint: each tensor is in the one shard the index names
+        return tensors
+    if os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
+        return read_safetensors(os.path.join(directory, WEIGHTS_FILE))
+    found = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+    pickles = [f for f in found if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    hint = (f" (found {pickles}: pickle files are never loaded; convert them to safetensors "
+            "with `transformers` first)" if pickles else "")
+    raise HFError(f"{directory}: no {WEIGHTS_FILE} or {INDEX_FILE}{hint}")
+
+
+def _read_index(directory: str, index: str) -> dict[str, str]:
+    """{tensor name: the path of the shard holding it} of model.safetensors.index.json.
+
+    The index is text that chooses which files are read, so each shard it names must
+    lie inside `directory` once `..` and symlinked folders are resolved (no absolute
+    paths), and must exist. The shard file itself may be a symlink, as
+    model.safetensors may: the Hugging Face hub cache stores every file of a snapshot
+    as a link into its blobs/ folder, outside the snapshot directory."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+    except UnicodeDecodeError as e:
+        raise HFError(f"{index}: not UTF-8 text ({e})") from None
+    except (OSError, ValueError) as e:
+        raise HFError(f"{index}: not readable JSON ({e})") from None
+    except AttributeError:  # a JSON array or value, not an object
+        weight_map = None
+    if not isinstance(weight_map, dict):
+        raise HFError(f"{index}: no weight_map object (tensor name -> shard file), got {weight_map!r}")
+    root = os.path.realpath(directory)
+    owner = {}
+    for name, file in weight_map.items():
+        where = f"{index}: tensor {name} is in shard {file!r}"
+        if not isinstance(file, str) or not file:
+            raise HFError(f"{where}, which is not a file name")
+        if os.path.isabs(file):
+            raise HFError(f"{where}, an absolute path: shards must be inside {directory}")
+        folder = os.path.realpath(os.path.join(directory, os.path.dirname(file)))
+        path = os.path.join(folder, os.path.basename(file))
+        if os.path.commonpath([root, folder]) != root or os.path.basename(file) in ("", ".", ".."):
+            raise HFError(f"{where}, which is outside {directory} (it resolves to {path})")
+        if not os.path.isfile(path):
+            raise HFError(f"{where}, which does not exist (or is not a file)")
+        owner[name] = path
+    return owner
+
+
+def _check_shard_matches_index(index: str, path: str, shard: dict, owner: dict[str, str]) -> None:
+    """A shard holds exactly the tensors the index puts in it (`owner`: tensor name ->
+    shard path). Otherwise a tensor may sit in two shards (read shard by shard, the
+    last copy would win) or the index is stale (written for other files)."""
+    absent = sorted(n for n, p in owner.items() if p == path and n not in shard)
+    if absent:
+        raise HFError(f"{index}: tensor {absent[0]} is in {os.path.basename(path)} by the index, but "
+                      f"{path} does not hold it ({len(absent)} such)")
+    unlisted = sorted(n for n in shard if owner.get(n) != path)
+    if unlisted:
+        name = unlisted[0]
+        listed = (f"puts it in {os.path.basename(owner[name])}" if name in owner else "does not list it")
+        raise HFError(f"{path}: holds tensor {name}, but {index} {listed} ({len(unlisted)} such)")
 
 
 # ---------------------------------------------------------------------------
@@ -128,12 +298,75 @@ def read_weights(directory: str) -> dict[str, np.ndarray]:
 def read_config(directory: str) -> dict:
     path = os.path.join(directory, CONFIG_FILE)
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:  # JSON is UTF-8 whatever the locale
+            hf = json.load(f)
     except FileNotFoundError:
         raise HFError(f"{directory}: no {CONFIG_FILE}; is this a Hugging Face model directory?") from None
-    except json.JSONDecodeError as e:
+    except OSError as e:
+        raise HFError(f"{path}: cannot be read ({e})") from None
+    except UnicodeDecodeError as e:
+        raise HFError(f"{path}: not UTF-8 text ({e})") from None
+    except ValueError as e:
         raise HFError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(hf, dict):
+        raise HFError(f"{path}: a JSON {type(hf).__name__}, not the JSON object of a model config")
+    return hf
+
+
+_REQUIRED = object()
+
+
+class _Fields:
+    """Typed reads of a config.json object (or one of its nested objects, `prefix`
+    naming it): a key that is missing or holds the wrong type is an HFError naming the
+    file, the key and the value, not a KeyError, a TypeError from deep in ModelConfig,
+    or a string silently taken for a number or a bool ("false" is truthy). A JSON null
+    reads as the default, as transformers reads it."""
+
+    def __init__(self, hf: dict, where: str, prefix: str = ""):
+        self.hf, self.where, self.prefix = hf, where, prefix
+
+    def _absent(self, key: str, default):
+        """The default of a key that is absent or null, or the HFError of a required one."""
+        if default is not _REQUIRED:
+            return default
+        if key in self.hf:
+            raise HFError(f"{self.where}: {self.prefix}{key}=None: a value is required")
+        raise HFError(f"{self.where}: {self.prefix}{key} is missing")
+
+    def _bad(self, key: str, value, expected: str) -> HFError:
+        return HFError(f"{self.where}: {self.prefix}{key}={value!r}: expected {expected}")
+
+    def int(self, key: str, default=_REQUIRED, minimum: int = 1) -> int:
+        value = self.hf.get(key)
+        if value is None:
+            return self._absent(key, default)
+        if not (_is_int(value) and value >= minimum):
+            raise self._bad(key, value, "a positive integer" if minimum == 1 else f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, default=_REQUIRED, positive: bool = True) -> float:
+        value = self.hf.get(key)
+        if value is None:
+            return self._absent(key, default)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if not real or value < 0 or (positive and value == 0):
+            raise self._bad(key, value, "a positive number" if positive else "a number >= 0")
+        return float(value)
+
+    def bool(self, key: str, default=_REQUIRED) -> bool:
+        value = self.hf.get(key)
+        if value is None:
+            return self._absent(key, default)
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+    def object(self, key: str) -> dict:
+        value = self.hf.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise self._bad(key, value, "a JSON object (or null)")
+        return dict(value or {})
 
 
 def _require(hf: dict, where: str, key: str, allowed, default=None) -> None:
@@ -145,69 +378,98 @@ def _require(hf: dict, where: str, key: str, allowed, default=None) -> None:
 def _rope_settings(hf: dict, where: str) -> dict:
     """RoPE theta and scaling from either format: `rope_theta` + `rope_scaling`
     (files written before transformers 5) or `rope_parameters` (transformers 5)."""
-    params = dict(hf.get("rope_parameters") or {})
-    scaling = dict(hf.get("rope_scaling") or {})
-    theta = params.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    top = _Fields(hf, where)
+    params, scaling = top.object("rope_parameters"), top.object("rope_scaling")
+    in_params, in_scaling = _Fields(params, where, "rope_parameters."), _Fields(scaling, where, "rope_scaling.")
+
+    def fields(key: str) -> _Fields:  # rope_parameters wins, as in `merged` below
+        return in_params if key in params else in_scaling
+
+    theta = (in_params if "rope_theta" in params else top).number("rope_theta", 10_000.0)
     merged = {**scaling, **params}
     kind = merged.get("rope_type", merged.get("type", "default"))
-    out = {"rope_theta": float(theta)}
+    out = {"rope_theta": theta}
     if kind == "llama3":
-        out.update(rope_scaling="llama3", rope_factor=float(merged["factor"]),
-                   rope_low_freq_factor=float(merged["low_freq_factor"]),
-                   rope_high_freq_factor=float(merged["high_freq_factor"]),
-                   rope_original_max_len=int(merged["original_max_position_embeddings"]))
+        out.update(rope_scaling="llama3", rope_factor=fields("factor").number("factor"),
+                   rope_low_freq_factor=fields("low_freq_factor").number("low_freq_factor"),
+                   rope_high_freq_factor=fields("high_freq_factor").number("high_freq_factor"),
+                   rope_original_max_len=fields("original_max_position_embeddings").int(
+                       "original_max_position_embeddings"))
     elif kind != "default":
         raise HFError(f"{where}: RoPE scaling {kind!r} is not supported by llm_jax "
                       "(supported: none, 'llama3')")
-    if float(merged.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise HFError(f"{where}: partial_rotary_factor={merged['partial_rotary_factor']} is not supported")
+    # Also at the top level: transformers moves a partial_rotary_factor found there into the
+    # RoPE parameters.
+    for fields_ in (in_params, in_scaling, top):
+        partial = fields_.number("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise HFError(f"{where}: {fields_.prefix}partial_rotary_factor={partial} is not supported "
+                          "(llm_jax rotates the whole head)")
     return out
 
 
 def config_from_hf(hf: dict, where: str = CONFIG_FILE) -> ModelConfig:
-    """The llm_jax ModelConfig of a HF config.json dict (float32; see `load_pretrained`)."""
+    """The llm_jax ModelConfig of a HF config.json dict (float32; see `load_pretrained`).
+    Every field is read with its type checked (`_Fields`); a combination ModelConfig
+    refuses is an HFError naming `where` too."""
+    if not isinstance(hf, dict):
+        raise HFError(f"{where}: a JSON {type(hf).__name__}, not the JSON object of a model config")
+    try:
+        return _config_from_hf(hf, where, _Fields(hf, where)).validate()
+    except ConfigError as e:
+        raise HFError(f"{where}: {e}") from None
+
+
+def _config_from_hf(hf: dict, where: str, f: _Fields) -> ModelConfig:
     kind = hf.get("model_type")
     if kind == "gpt2":
         _require(hf, where, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
         for key, ok in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False)):
+                        ("reorder_and_upcast_attn", False), ("add_cross_attention", False),
+                        ("tie_word_embeddings", True)):  # GPT2LMHeadModel's head is the embedding
             _require(hf, where, key, (ok,), ok)
-        d = hf["n_embd"]
-        return ModelConfig(vocab_size=hf["vocab_size"], d_model=d, num_layers=hf["n_layer"],
-                           num_heads=hf["n_head"], d_ff=hf.get("n_inner") or 4 * d,
-                           max_len=hf["n_positions"], positions="learned", norm="layernorm",
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", use_bias=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True)).validate()
+        d, n = f.int("n_embd"), f.int("n_head")
+        if d % n:
+            raise HFError(f"{where}: n_embd={d} is not divisible by n_head={n}")
+        return ModelConfig(vocab_size=f.int("vocab_size"), d_model=d, num_layers=f.int("n_layer"),
+                           num_heads=n, d_ff=f.int("n_inner", 4 * d), max_len=f.int("n_positions"),
+                           positions="learned", norm="layernorm", mlp="gelu", use_bias=True,
+                           norm_eps=f.number("layer_norm_epsilon", 1e-5, positive=False), tie_embeddings=True)
     if kind in ("llama", "mistral"):
         _require(hf, where, "hidden_act", ("silu",), "silu")
         _require(hf, where, "attention_bias", (False,), False)
         _require(hf, where, "mlp_bias", (False,), False)
-        window = hf.get("sliding_window")
-        if window is not None and window < hf["max_position_embeddings"]:
+        max_len = f.int("max_position_embeddings")
+        window = f.int("sliding_window", None, minimum=0)
+        if window is not None and window < max_len:
             raise HFError(f"{where}: sliding_window={window} < max_position_embeddings="
-                          f"{hf['max_position_embeddings']}: sliding-window attention is not supported")
-        n = hf["num_attention_heads"]
-        return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                           num_layers=hf["num_hidden_layers"], num_heads=n,
-                           num_kv_heads=hf.get("num_key_value_heads") or n,
-                           head_dim=hf.get("head_dim") or hf["hidden_size"] // n,
-                           d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
-                           positions="rotary", norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           mlp="swiglu", use_bias=False,
-                           tie_embeddings=hf.get("tie_word_embeddings", False),
-                           **_rope_settings(hf, where)).validate()
+                          f"{max_len}: sliding-window attention is not supported")
+        d, n = f.int("hidden_size"), f.int("num_attention_heads")
+        kv, head_dim = f.int("num_key_value_heads", n), f.int("head_dim", d // n)
+        if n % kv:
+            raise HFError(f"{where}: num_attention_heads={n} is not a multiple of num_key_value_heads={kv}")
+        if head_dim % 2 or head_dim == 0:
+            source = f"head_dim={head_dim}" if "head_dim" in hf else f"hidden_size/num_attention_heads={head_dim}"
+            raise HFError(f"{where}: {source}: rotary positions need an even head size")
+        return ModelConfig(vocab_size=f.int("vocab_size"), d_model=d, num_layers=f.int("num_hidden_layers"),
+                           num_heads=n, num_kv_heads=kv, head_dim=head_dim, d_ff=f.int("intermediate_size"),
+                           max_len=max_len, positions="rotary", norm="rmsnorm",
+                           norm_eps=f.number("rms_norm_eps", 1e-6, positive=False), mlp="swiglu", use_bias=False,
+                           tie_embeddings=f.bool("tie_word_embeddings", False), **_rope_settings(hf, where))
     if kind == "bert":
         _require(hf, where, "hidden_act", ("gelu",), "gelu")
         _require(hf, where, "position_embedding_type", ("absolute",), "absolute")
         _require(hf, where, "is_decoder", (False,), False)
-        return ModelConfig(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                           num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                           d_ff=hf["intermediate_size"], max_len=hf["max_position_embeddings"],
+        _require(hf, where, "tie_word_embeddings", (True,), True)  # the masked-LM decoder is the embedding
+        d, n = f.int("hidden_size"), f.int("num_attention_heads")
+        if d % n:
+            raise HFError(f"{where}: hidden_size={d} is not divisible by num_attention_heads={n}")
+        return ModelConfig(vocab_size=f.int("vocab_size"), d_model=d, num_layers=f.int("num_hidden_layers"),
+                           num_heads=n, d_ff=f.int("intermediate_size"), max_len=f.int("max_position_embeddings"),
                            causal=False, positions="learned", norm="layernorm",
-                           norm_eps=hf.get("layer_norm_eps", 1e-12), norm_position="post",
-                           mlp="gelu_exact", use_bias=True, type_vocab_size=hf.get("type_vocab_size", 2),
-                           lm_head_transform=True, lm_head_bias=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True)).validate()
+                           norm_eps=f.number("layer_norm_eps", 1e-12, positive=False), norm_position="post",
+                           mlp="gelu_exact", use_bias=True, type_vocab_size=f.int("type_vocab_size", 2),
+                           lm_head_transform=True, lm_head_bias=True, tie_embeddings=True)
     raise HFError(f"{where}: model_type={kind!r} is not supported (supported: gpt2, llama, mistral, bert)")
 
 
