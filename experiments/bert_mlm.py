@@ -37,7 +37,7 @@ from experiments import pretrain as pretrain_experiment
 from llm_jax import launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
-from llm_jax.rundir import parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import parse_args, run_main, say, write_run_json
 from llm_jax.stages import mlm, runner
 
 STAGE = "mlm"
@@ -87,12 +87,11 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     """The MLM stage in `workdir/mlm`: its eval.json dict, or None when it stopped
     early (train.stop_after). Skipped if already finished."""
     stage_dir = os.path.join(workdir, STAGE)
-    done = runner.finished(stage_dir, cfg.train.steps)
+    done = runner.begin(stage_dir, cfg.train.steps, to_dict(cfg))
     if done is not None:
         say(f"{STAGE}: already finished ({stage_dir}/eval.json); held-out masked-token loss "
             f"{done['heldout_mlm_loss_before']:.3f} -> {done['heldout_mlm_loss_after']:.3f}")
         return done
-    write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                    kind="pretrain")

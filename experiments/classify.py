@@ -41,7 +41,7 @@ from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig
 from llm_jax.data import classify as classify_data
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer, TokenizerError, check_vocab_fits, load_tokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
 from llm_jax.stages import classify, runner
 
 # Narrower than the pipeline's model (d_model 128, d_ff 512): on 2 CPU cores this
@@ -179,10 +179,9 @@ def run_stage(workdir: str, name: str, cfg: Config, mesh, tok) -> dict | None:
     """Trains and evaluates one stage; its eval.json if it finished, else None."""
     st = getattr(cfg, STAGES[name])
     stage_dir = os.path.join(workdir, name)
-    done = runner.finished(stage_dir, st.train.steps)
+    done = runner.begin(stage_dir, st.train.steps, to_dict(st))  # has "model", as generate expects
     if done is not None:
         return done
-    write_json(os.path.join(stage_dir, "config.json"), to_dict(st))  # has "model", as generate expects
     params = initial_params(name, st, mesh)
     before = heldout_accuracy(st, runner.host_params(params), tok, mesh)
     tx, schedule = train.make_optimizer(st.optim, st.train.steps)

@@ -50,7 +50,7 @@ from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import SPECIAL_TOKENS, TokenizerError, load_tokenizer, train_bpe
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
 from llm_jax.stages import pretrain, runner
 
 STAGE = "pretrain"
@@ -171,12 +171,11 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     """The pretraining stage in `workdir/pretrain`: its eval.json dict, or None when
     it stopped early (train.stop_after). Skipped if already finished."""
     stage_dir = os.path.join(workdir, STAGE)
-    done = runner.finished(stage_dir, cfg.train.steps)
+    done = runner.begin(stage_dir, cfg.train.steps, to_dict(cfg))
     if done is not None:
         say(f"{STAGE}: already finished ({stage_dir}/eval.json); held-out loss "
             f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
         return done
-    write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                    kind="pretrain")

@@ -60,7 +60,7 @@ from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import (TokenizerError, check_vocab_fits, load_hf_tokenizer, load_tokenizer,
                                     train_bpe)
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
 from llm_jax.stages import dpo, reward, runner, sft
 
 
@@ -159,11 +159,8 @@ def loader_for(data: DataConfig, tr: TrainConfig, tok, source: str | None = None
 
 def stage_start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]:
     stage_dir = os.path.join(workdir, name)
-    done = runner.finished(stage_dir, getattr(cfg, name).train.steps)
-    if done is None:
-        write_json(os.path.join(stage_dir, "config.json"), {"model": to_dict(cfg.model),
-                                                           "lora": to_dict(cfg.lora),
-                                                           **to_dict(getattr(cfg, name))})
+    done = runner.begin(stage_dir, getattr(cfg, name).train.steps,
+                        {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), **to_dict(getattr(cfg, name))})
     return stage_dir, done
 
 

@@ -40,7 +40,7 @@ from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig
 from llm_jax.data import preferences
 from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
 from llm_jax.stages import dpo, ppo, reward, runner, sft
 
 MODEL = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=128, num_layers=4, num_heads=4,
@@ -176,9 +176,7 @@ def start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]:
     the stage's settings plus the model config (what `python -m llm_jax.generate` reads)."""
     stage_dir = os.path.join(workdir, name)
     stage_cfg = getattr(cfg, name)
-    done = runner.finished(stage_dir, stage_cfg.train.steps)
-    if done is None:
-        write_json(os.path.join(stage_dir, "config.json"), {"model": to_dict(cfg.model), **to_dict(stage_cfg)})
+    done = runner.begin(stage_dir, stage_cfg.train.steps, {"model": to_dict(cfg.model), **to_dict(stage_cfg)})
     return stage_dir, done
 
 

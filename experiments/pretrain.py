@@ -22,7 +22,7 @@ from llm_jax import evals, launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_json, write_run_json
+from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
 from llm_jax.stages import pretrain, runner
 
 
@@ -70,12 +70,11 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     """The pretraining stage in `workdir/pretrain`: its eval.json dict, or None when
     it stopped early (train.stop_after). Skipped if already finished."""
     stage_dir = os.path.join(workdir, "pretrain")
-    done = runner.finished(stage_dir, cfg.train.steps)
+    done = runner.begin(stage_dir, cfg.train.steps, to_dict(cfg))
     if done is not None:
         say(f"pretrain: already finished ({stage_dir}/eval.json); held-out loss "
             f"{done['heldout_loss_before']:.3f} -> {done['heldout_loss_after']:.3f}")
         return done
-    write_json(os.path.join(stage_dir, "config.json"), to_dict(cfg))
 
     data_cfg = dataclasses.replace(cfg.data, seq_len=cfg.train.seq_len, batch_size=cfg.train.batch_size,
                                    kind="pretrain")

@@ -3,6 +3,8 @@
 import json
 import os
 
+import pytest
+
 from experiments import pretrain
 
 
@@ -20,3 +22,29 @@ def test_pretrain_smoke(tmp_path):
     ev = json.load(open(os.path.join(workdir, "pretrain", "eval.json")))
     assert ev["heldout_loss_after"] < ev["heldout_loss_before"]
     assert os.path.exists(os.path.join(workdir, "tokenizer", "tokenizer.json"))
+
+
+def test_rerun_with_changed_settings_stops_and_keeps_the_stage(tmp_path, capsys):
+    # Before: a rerun with another optim.lr resumed silently under the new value
+    # (and a finished stage was reused as if trained with it).
+    workdir = str(tmp_path / "run")
+    sets = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64",
+            "model.max_len=64", "train.steps=3", "train.batch_size=8", "train.seq_len=64",
+            "train.log_every=1", "train.checkpoint_every=1", "data.size=200", "eval_batches=2"]
+
+    def argv(*extra):
+        return ["--workdir", workdir] + [x for s in sets + list(extra) for x in ("--set", s)]
+
+    from llm_jax.config import ConfigError
+    assert pretrain.main(argv("train.stop_after=1")) == 0  # stopped after step 1
+    listing = sorted(os.listdir(os.path.join(workdir, "pretrain", "checkpoints")))
+    with pytest.raises(ConfigError, match=r"(?s)started with other settings:\n  optim\.lr: 0\.003 then, "
+                                          r"0\.001 now.*Rerun with the settings it was started with"):
+        pretrain.main(argv("optim.lr=1e-3"))
+    assert sorted(os.listdir(os.path.join(workdir, "pretrain", "checkpoints"))) == listing
+    assert pretrain.main(argv("train.stop_after=2", "train.log_every=2")) == 0  # allowed to change
+    assert pretrain.main(argv()) == 0  # finishes
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.003 then, 0\.001 now"):
+        pretrain.main(argv("optim.lr=1e-3"))  # a finished stage is not silently reused
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "pretrain", "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
