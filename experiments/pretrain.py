@@ -94,8 +94,9 @@ def run(workdir: str, cfg: Config, mesh, tok) -> dict | None:
                               cfg.train.microbatches), mesh, state_shardings)
 
     loss_before = heldout_loss(cfg, state.params, eval_loader, eval_start, mesh)
-    state, summary = loop.run_stage(stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train,
-                                    progress=say)
+    state, summary = loop.run_stage(
+        stage_dir, state, state_shardings, step_fn, loader, mesh, cfg.train, progress=say,
+        evaluate=lambda p: {"heldout_loss": heldout_loss(cfg, p, eval_loader, eval_start, mesh)})
     if not summary["finished"]:
         say(f"stopped at step {cfg.train.stop_after} of {cfg.train.steps} (train.stop_after); "
             "rerun the same command to continue")

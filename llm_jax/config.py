@@ -211,7 +211,7 @@ class TrainConfig:
     microbatches: int = 1  # gradient accumulation: batch_size // microbatches per pass
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 0  # 0: only at the end
+    eval_every: int = 0  # >0: held-out evaluation every N steps, logged as eval_* (stages that have one); 0: at the end only
     stop_after: int = 0  # >0: this invocation stops (and saves) at that step; rerun to continue
     checkpoint_every: int = 100  # async saves; the last step is always saved
     keep_checkpoints: int = 3

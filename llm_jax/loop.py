@@ -23,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from llm_jax import sharding
 from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
-from llm_jax.config import TrainConfig
+from llm_jax.config import ConfigError, TrainConfig
 from llm_jax.progress import ProgressBar
 from llm_jax.rundir import MetricsLog, is_primary
 from llm_jax.tensorboard import SummaryWriter
@@ -161,14 +161,20 @@ def _close_quietly(ckpts: Checkpoints) -> None:
 
 def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loader, mesh,
               cfg: TrainConfig, *, progress: Callable[[str], None] = print,
-              show_progress: bool = True) -> tuple[Any, dict]:
+              show_progress: bool = True, evaluate: Callable[[Any], dict] | None = None) -> tuple[Any, dict]:
     """Trains `state` to cfg.steps, resuming from DIR/<stage>/checkpoints if present.
 
     `progress` gets the text lines (every log_every steps, resume, rollback);
     `show_progress` adds a progress bar on stderr updated every step. Logged metrics
     also go to TensorBoard under DIR/<stage>/tensorboard.
+    `evaluate(params) -> {name: number}` runs every `cfg.eval_every` steps (0: never);
+    its numbers are logged as "eval_<name>" beside the training metrics.
     """
     cfg.validate()  # before anything is written: a zero log_every or negative steps is a ConfigError
+    if cfg.eval_every and evaluate is None:
+        raise ConfigError(f"train.eval_every={cfg.eval_every}: the {os.path.basename(os.path.normpath(stage_dir))} "
+                          "stage has no in-loop evaluation (it is evaluated when it ends); set "
+                          "train.eval_every=0")
     ckpts = Checkpoints(os.path.join(stage_dir, "checkpoints"), save_every=cfg.checkpoint_every,
                         keep=cfg.keep_checkpoints, async_save=cfg.async_checkpoints)
     abstract = abstract_like(state, shardings)
@@ -254,6 +260,11 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 progress(f"step {step:6d}/{cfg.steps}  loss {loss:.4f}  "
                          + (f"lr {float(metrics['lr']):.2e}  " if "lr" in metrics else "")
                          + f"{rate:.2f} steps/s  eta {(cfg.steps - step) / rate:.0f}s")
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                scores = {f"eval_{k}": float(v) for k, v in evaluate(state.params).items()}
+                log.write(step, scores)
+                report.scalars(step, scores)
+                progress(f"step {step:6d}/{cfg.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
                 ckpts.save(step, state,
                            {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)

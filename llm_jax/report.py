@@ -141,7 +141,8 @@ def _rl_figure(metrics: Mapping[str, Series], panels, stage: str, path: str) -> 
 def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
     """Writes the run's figures into `workdir` and returns their paths:
 
-        loss.png  "loss" vs step, one panel per stage that logged it
+        loss.png  "loss" vs step, one panel per stage that logged it (with the
+                  held-out "eval_heldout_loss" of train.eval_every on it, if logged)
         ppo.png   mean score (or reward) and KL to the reference, if a stage named "ppo" logged them
         dpo.png   reward margin and preference accuracy, if a stage named "dpo" logged them
 
@@ -164,8 +165,13 @@ def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
     with_loss = [(name, m["loss"]) for name, m in stages if m.get("loss")]
     if with_loss:
         fig, axes = _figure(len(with_loss))
+        heldout = {name: m.get("eval_heldout_loss") for name, m in stages}
         for ax, (name, series) in zip(axes, with_loss):
             _panel(ax, series, name, "loss")
+            if heldout.get(name):
+                steps, values = zip(*heldout[name])
+                ax.plot(steps, values, marker="o", label="held-out")
+                ax.legend()
         written.append(_save(fig, os.path.join(workdir, "loss.png")))
     for stage_name, panels in (("ppo", PPO_PANELS), ("dpo", DPO_PANELS)):
         for name, metrics in stages:

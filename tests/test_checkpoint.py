@@ -172,3 +172,15 @@ def test_an_error_mid_stage_leaves_saves_finished_and_threads_closed(tmp_path):
     ckpts = checkpoint.Checkpoints(str(tmp_path / "s" / "checkpoints"), save_every=1)
     assert ckpts.steps() == [0, 2, 4]  # the step-4 save, in flight at the interrupt, is complete
     ckpts.close()
+
+
+def test_keep_checkpoints_prunes_the_oldest(tmp_path):
+    state, abstract = make_state()
+    directory = str(tmp_path / "checkpoints")
+    ckpts = checkpoint.Checkpoints(directory, save_every=1, keep=2)
+    for step in range(6):
+        ckpts.save(step, state, {"position": step}, force=True)
+    ckpts.wait()
+    assert ckpts.steps() == [4, 5]
+    assert sorted(int(d) for d in os.listdir(directory) if d.isdigit()) == [4, 5]
+    ckpts.close()

@@ -48,3 +48,27 @@ def test_rerun_with_changed_settings_stops_and_keeps_the_stage(tmp_path, capsys)
         pretrain.main(argv("optim.lr=1e-3"))  # a finished stage is not silently reused
     rows = [json.loads(line) for line in open(os.path.join(workdir, "pretrain", "metrics.jsonl"))]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_eval_every_logs_heldout_loss_during_training(tmp_path):
+    # Before: train.eval_every was read nowhere (silently ignored).
+    workdir = str(tmp_path / "run")
+    sets = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64",
+            "model.max_len=64", "train.steps=4", "train.batch_size=8", "train.seq_len=64",
+            "train.log_every=4", "train.eval_every=2", "data.size=200", "eval_batches=2"]
+    assert pretrain.main(["--workdir", workdir] + [x for s in sets for x in ("--set", s)]) == 0
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "pretrain", "metrics.jsonl"))]
+    evals = {r["step"]: r["eval_heldout_loss"] for r in rows if "eval_heldout_loss" in r}
+    assert sorted(evals) == [2, 4]
+    ev = json.load(open(os.path.join(workdir, "pretrain", "eval.json")))
+    # The step-4 evaluation saw the final params on the same held-out batches.
+    assert evals[4] == pytest.approx(ev["heldout_loss_after"], rel=1e-6)
+    assert ev["heldout_loss_before"] > evals[2]
+
+
+def test_eval_every_on_a_stage_without_one_is_an_error(tmp_path):
+    from llm_jax import loop
+    from llm_jax.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match=r"train\.eval_every=5: the sft stage has no in-loop evaluation"):
+        loop.run_stage(str(tmp_path / "sft"), None, None, None, None, None, TrainConfig(eval_every=5))
+    assert not os.path.exists(tmp_path / "sft")  # stopped before writing anything
