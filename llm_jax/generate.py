@@ -212,9 +212,12 @@ def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_onl
         found = sorted(d for d in os.listdir(workdir)
                        if os.path.exists(os.path.join(workdir, d, "config.json")))
         raise ConfigError(f"--stage {stage}: no {config_path}; stages in {workdir}: {found or 'none'}")
-    with open(config_path) as f:
-        saved = json.load(f)
-    if not isinstance(saved.get("model"), dict):
+    try:
+        with open(config_path) as f:
+            saved = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{config_path}: not a readable JSON file ({e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise ConfigError(f"{config_path} has no 'model' section")
     cfg = model_config_from_dict(saved["model"], config_path)
     lora = saved.get("lora")

@@ -66,3 +66,34 @@ def test_load_errors(tmp_path):
     json.dump({"kind": "byte", "special_tokens": ["<pad>"]}, open(tmp_path / "odd" / "meta.json", "w"))
     with pytest.raises(TokenizerError, match="special tokens"):
         load_tokenizer(str(tmp_path / "odd"))
+
+
+def _hf_dir(tmp_path, config_text):
+    """A tokenizer.json (a tiny word-level vocabulary) and the given tokenizer_config.json text."""
+    from tokenizers import Tokenizer, models
+    d = tmp_path / "tok"
+    d.mkdir()
+    Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2}, unk_token="</s>")).save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_bytes(config_text)
+    return str(d)
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"{not json", r"tokenizer_config\.json: not a readable JSON file"),
+    (b"\xff\xfe\x00garbage", r"tokenizer_config\.json: not a readable JSON file"),
+    (b'["bos_token"]', r"tokenizer_config\.json: expected a JSON object of settings, found list"),
+    (b'{"bos_token": 5, "eos_token": "</s>"}', r"tokenizer_config\.json: bos_token=5 is neither a token"),
+])
+def test_malformed_tokenizer_config_names_the_file(tmp_path, text, message):
+    # Before: JSONDecodeError / AttributeError tracebacks, or a non-string token
+    # silently dropped and then reported as "no bos token" without the file.
+    from llm_jax.data.tokenizer import TokenizerError, load_hf_tokenizer
+    with pytest.raises(TokenizerError, match=message):
+        load_hf_tokenizer(_hf_dir(tmp_path, text))
+
+
+def test_wellformed_tokenizer_config_still_loads(tmp_path):
+    from llm_jax.data.tokenizer import load_hf_tokenizer
+    tok = load_hf_tokenizer(_hf_dir(tmp_path, b'{"bos_token": {"content": "<s>"}, "eos_token": "</s>", '
+                                              b'"pad_token": null, "model_max_length": 512}'))
+    assert (tok.bos_id, tok.eos_id) == (0, 1)

@@ -167,6 +167,7 @@ def check_vocab_fits(tokenizer, model_vocab_size: int) -> None:
 # special_tokens_map.json, first match wins (BERT has cls/sep, not bos/eos).
 HF_ROLES = {"bos": ("bos_token", "cls_token"), "eos": ("eos_token", "sep_token"),
             "pad": ("pad_token", "eos_token", "sep_token"), "mask": ("mask_token",)}
+HF_KEYS = {key for keys in HF_ROLES.values() for key in keys}
 # The SFT template's markers: kept if the tokenizer has them, else added at the
 # end of its vocabulary (the model's embeddings grow to match: `hf.resize_vocab`).
 TEMPLATE_TOKENS = {"prompt": "<prompt>", "response": "<response>"}
@@ -249,8 +250,19 @@ def load_hf_tokenizer(directory: str) -> HfTokenizer:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
         file = os.path.join(directory, name)
         if os.path.exists(file):
-            with open(file) as f:
-                named.update({k: v for k, v in json.load(f).items() if _token_text(v) is not None})
+            try:
+                with open(file) as f:
+                    entries = json.load(f)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise TokenizerError(f"{file}: not a readable JSON file ({e})") from None
+            if not isinstance(entries, dict):
+                raise TokenizerError(f"{file}: expected a JSON object of settings, found "
+                                     f"{type(entries).__name__}")
+            for k, v in entries.items():
+                if k in HF_KEYS and v is not None and _token_text(v) is None:
+                    raise TokenizerError(f"{file}: {k}={v!r} is neither a token string nor an object "
+                                         "with a 'content' string")
+            named.update({k: v for k, v in entries.items() if _token_text(v) is not None})
     tokens = {role: next((_token_text(named[k]) for k in keys if k in named), None)
               for role, keys in HF_ROLES.items()}
     return HfTokenizer(tok, tokens)
