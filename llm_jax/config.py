@@ -64,7 +64,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the weights
     remat: str = "none"  # "none" | "full" | "dots" (save only matmul outputs)
     scan_layers: bool = True  # lax.scan over layers: compile time flat in depth
-    attention_impl: str = "auto"  # "auto" | "xla" | "cudnn" (see model.attention)
+    attention_impl: str = "auto"  # "auto" | "xla" | "cudnn" | "splash" (TPU kernel; see model.attention)
 
     @property
     def kv_heads(self) -> int:
@@ -82,7 +82,7 @@ class ModelConfig:
             "norm_position": ("pre", "post"),
             "mlp": ("gelu", "gelu_exact", "swiglu"),
             "remat": ("none", "full", "dots"),
-            "attention_impl": ("auto", "xla", "cudnn"),
+            "attention_impl": ("auto", "xla", "cudnn", "splash"),
             "dtype": ("float32", "bfloat16", "float16"),
             "param_dtype": ("float32", "bfloat16"),
         }

@@ -38,6 +38,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from llm_jax import splash
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.sharding import constrain_activations, gather_embedding_table, target_platform
 
@@ -170,19 +171,46 @@ def sinusoidal(positions: jax.Array, d_model: int) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-              causal: bool = False, scale: float | None = None, impl: str = "auto") -> jax.Array:
-    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+              causal: bool = False, scale: float | None = None, impl: str = "auto",
+              segment_ids: jax.Array | None = None) -> jax.Array:
+    """Scaled dot-product attention: `jax.nn.dot_product_attention` ("xla", "cudnn")
+    or the Pallas TPU splash kernel ("splash", `llm_jax.splash`).
 
-    q: [B, T, N, H]; k, v: [B, S, G, H]; mask: bool [B, 1, T, S] (True = may attend)
-    or None with `causal` for the plain causal case. Returns [B, T, N, H].
+    q: [B, T, N, H]; k, v: [B, S, G, H]. The mask comes one of two ways:
+      mask: bool [B, 1, T, S] (True = may attend), or None with `causal` for the
+        plain causal case; or
+      segment_ids: [B, T] int with mask=None (self-attention, T == S): tokens
+        attend within their segment, and with `causal` to earlier slots too.
+        Splash takes them as they are and never forms a [T, S] mask; the other
+        implementations build the dense mask from them.
+    Returns [B, T, N, H].
 
-    "auto" asks for cuDNN flash attention on GPUs when the compute dtype is 16-bit
-    and no explicit mask is needed (cuDNN takes causal/padding masks only); XLA's
-    implementation everywhere else (CPU, TPU, masked/packed batches).
+    "auto" picks, by the platform being traced for (`target_platform`, so an
+    ahead-of-time TPU compile on a CPU host picks the TPU kernel):
+      TPU: splash when no dense mask is given and its shapes hold (T and S
+        multiples of 128, float32/bfloat16: `splash.unsupported_reason`), else XLA;
+      GPU: cuDNN flash attention for 16-bit batches without a mask or segment ids
+        (cuDNN takes causal/padding masks only), else XLA;
+      CPU: XLA (splash would run in the slow Pallas interpreter).
     """
+    if mask is not None and segment_ids is not None:
+        raise ValueError("attention takes a dense mask or segment_ids, not both")
     if impl == "auto":
-        on_gpu = target_platform() == "gpu"
-        impl = "cudnn" if (on_gpu and mask is None and q.dtype in (jnp.bfloat16, jnp.float16)) else "xla"
+        platform = target_platform()
+        if platform == "tpu" and mask is None and splash.fits(q.shape[1], k.shape[1], q.dtype):
+            impl = "splash"
+        elif (platform == "gpu" and mask is None and segment_ids is None
+              and q.dtype in (jnp.bfloat16, jnp.float16)):
+            impl = "cudnn"
+        else:
+            impl = "xla"
+    if impl == "splash":
+        if mask is not None:
+            raise ValueError("attention(impl='splash') takes segment_ids and causal, not a dense mask")
+        return splash.attention(q, k, v, segment_ids, causal=causal, scale=scale)
+    if segment_ids is not None:
+        slots = jnp.arange(q.shape[1])
+        mask, causal = make_mask(causal, segment_ids, segment_ids, slots, slots), False
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, is_causal=causal,
                                         implementation=impl)
 
@@ -252,13 +280,17 @@ def activation(config: ModelConfig, x: jax.Array) -> jax.Array:
 
 
 def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
-          mask: jax.Array | None, kv: tuple | None = None, dropout_rng: jax.Array | None = None):
+          mask: jax.Array | None, kv: tuple | None = None, dropout_rng: jax.Array | None = None,
+          segment_ids: jax.Array | None = None):
     """One residual block. Pre-norm: x + Attn(Norm(x)), then x + MLP(Norm(x));
     post-norm (BERT): Norm(x + Attn(x)), then Norm(x + MLP(x)).
 
-    x: [B, T, D]. `kv`, when decoding, is (k_cache [B, S, G, H], v_cache, index):
-    the new keys/values are written at [index, index + T) and attention reads the
-    whole cache. Returns (x, (k_cache, v_cache) or None)."""
+    x: [B, T, D]. Attention is masked by `mask` (dense, see `make_mask`) or, on the
+    splash path, by `segment_ids` [B, T] and config.causal with mask=None.
+    `kv`, when decoding, is (k_cache [B, S, G, H], v_cache, index): the new
+    keys/values are written at [index, index + T) and attention reads the whole
+    cache, always through `jax.nn.dot_product_attention` (see `apply_with_cache`).
+    Returns (x, (k_cache, v_cache) or None)."""
     c = config
     rngs = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
     a = p["attn"]
@@ -278,8 +310,14 @@ def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
         v = v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         new_kv = (k_cache, v_cache)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
-    causal_only = mask is None and c.causal and kv is None
-    o = attention(q, k, v, mask, causal=causal_only, impl=c.attention_impl)  # [B, T, N, H]
+    impl = c.attention_impl
+    if kv is not None and impl == "splash":
+        impl = "xla"  # decoding against a cache: the kernel does not fit (see apply_with_cache)
+    if segment_ids is None:
+        causal_only = mask is None and c.causal and kv is None
+        o = attention(q, k, v, mask, causal=causal_only, impl=impl)  # [B, T, N, H]
+    else:  # the splash path: segment ids and the causal flag, no dense [B, 1, T, S] mask
+        o = attention(q, k, v, None, causal=c.causal, impl=impl, segment_ids=segment_ids)
     o = _project(o, a, "o", "btnh,nhd->btd")
     x = x + _dropout(o, c.dropout, rngs[0])
     if not pre:
@@ -325,6 +363,15 @@ def make_mask(causal: bool, q_segments: jax.Array | None, k_segments: jax.Array 
         seg = (q_segments[:, :, None] == k_segments[:, None, :])[:, None]  # [B, 1, T, S]
         mask = seg if mask is None else mask & seg
     return mask
+
+
+def _uses_splash(config: ModelConfig, length: int) -> bool:
+    """Whether a forward pass without a cache runs attention through the splash
+    kernel: always for attention_impl="splash" (bad shapes fail in
+    `splash.attention` with a ConfigError), for "auto" when `attention` will pick
+    it (TPU target, shapes the kernel takes)."""
+    impl = config.attention_impl
+    return impl == "splash" or (impl == "auto" and splash.fits(length, length, jnp.dtype(config.dtype)))
 
 
 # ---------------------------------------------------------------------------
@@ -373,7 +420,12 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
     x = constrain_activations(_dropout(x, c.dropout, emb_rng))
 
     q_slots = index + jnp.arange(T)
-    if cache is None:
+    # The splash kernel takes the segment ids themselves: the dense [B, 1, T, T]
+    # mask is not built at all (its O(T^2) memory is what the kernel saves).
+    splash_ids = None
+    if cache is None and _uses_splash(c, T):
+        mask, splash_ids = None, segment_ids
+    elif cache is None:
         mask = None if segment_ids is None else make_mask(c.causal, segment_ids, segment_ids, q_slots, q_slots)
     else:
         if segment_ids is None:
@@ -389,7 +441,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
     def body(x, xs):
         p, rng, kv = xs
         kv = None if kv is None else (*kv, index)
-        x, new_kv = block(c, cast(p), x, positions=positions, mask=mask, kv=kv, dropout_rng=rng)
+        x, new_kv = block(c, cast(p), x, positions=positions, mask=mask, kv=kv, dropout_rng=rng,
+                          segment_ids=splash_ids)
         return x, new_kv
 
     if c.remat != "none":
@@ -496,7 +549,14 @@ def apply_with_cache(config: ModelConfig, params: Params, tokens: jax.Array, cac
 
     Prefill a prompt with T = its length, then decode with T = 1. For left-padded
     prompts pass segment_ids (0 at padding) and positions counted from the first
-    real token."""
+    real token.
+
+    Attention here is XLA's (`jax.nn.dot_product_attention`), also with
+    attention_impl="splash" or "auto" on TPU: the splash kernel tiles queries in
+    blocks of at least 128 (decoding runs T=1 query against the cache) and takes
+    its causal mask as a static pattern, while a query's slot in the cache
+    (`index`) is a traced value; the cache's own segment ids are a dense mask
+    anyway, and a [B, 1, T, S] mask with T=1 is small."""
     if not config.causal:
         raise ValueError("a KV cache needs a causal (decoder) model; this config has causal=False")
     slots = cache["segment_ids"].shape[1]
