@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -157,8 +158,20 @@ def run_main(main) -> int:
     from llm_jax.hf import HFError
     from llm_jax.loop import TrainingDiverged
     from llm_jax.sharding import MeshError
+
+    # SIGTERM (a scheduler's stop, the launcher passing one on) becomes an exception
+    # like Ctrl-C's, so the stage loop's cleanup runs: pending checkpoint saves are
+    # finished and closed before the process ends.
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         return main()
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"\nstopped by {name}; saved checkpoints are kept: rerun the same command to resume from "
+              "the newest one", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT).value
     except (ConfigError, MeshError, CheckpointError, DataError, TokenizerError, HFError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -170,6 +183,8 @@ def run_main(main) -> int:
               "command: finished stages are kept and an interrupted one resumes from its last "
               "checkpoint", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,

@@ -72,3 +72,29 @@ def test_lock_on_an_unwritable_workdir(tmp_path, monkeypatch):
     monkeypatch.setattr(rundir.os, "open", read_only)
     with pytest.raises(rundir.WorkdirError, match=r"cannot write to the workdir .*Read-only file system"):
         rundir.lock_workdir(workdir)
+
+
+def test_sigterm_to_a_run_finishes_its_saves_and_says_how_to_resume(tmp_path):
+    # Before: SIGTERM ended the process at once (no cleanup: an async save could be
+    # cut off) and Ctrl-C printed a traceback.
+    workdir = str(tmp_path / "run")
+    sets = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64",
+            "model.max_len=64", "train.steps=100000", "train.batch_size=8", "train.seq_len=64",
+            "train.log_every=1000", "train.checkpoint_every=10", "data.size=200", "eval_batches=1"]
+    cmd = [sys.executable, "-m", "experiments.pretrain", "--workdir", workdir]
+    cmd += [x for s in sets for x in ("--set", s)]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    ckpts = os.path.join(workdir, "pretrain", "checkpoints")
+    end = time.time() + 300
+    while time.time() < end and not (os.path.isdir(ckpts) and
+                                     sum(d.isdigit() for d in os.listdir(ckpts)) >= 2):
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM.value, err[-2000:]
+    assert "stopped by SIGTERM; saved checkpoints are kept: rerun the same command" in err
+    assert "Traceback" not in err
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert steps and all(s % 10 == 0 for s in steps)
+    assert not [d for d in os.listdir(ckpts) if "tmp" in d]  # no save left half-written
