@@ -14,9 +14,16 @@ the step time and MFU, the compile time, and the planner's estimate
 same dict `compile_stage` returns).
 
 Stages (`STAGES`: adding one is one entry): pretrain, mlm, sft, sft_kl, rm, dpo,
-ppo (the PPO update), generate (the KV-cache sampler). `--set` takes model.*
-(on top of the preset), optim.*, lora.* (sft, sft_kl, rm, dpo), ppo.*, mesh.*
-and the fields of `AOTSettings`; a wrong key fails with its name.
+ppo (the PPO update), generate (the KV-cache sampler). generate and ppo split
+--seq-len into a prompt and `max_new_tokens` new tokens (default: half each; the
+KV cache has seq_len slots). `--set` takes model.* (on top of the preset),
+optim.*, lora.* (sft, sft_kl, rm, dpo), ppo.*, mesh.* and the fields of
+`AOTSettings`; a wrong key fails with its name.
+
+From Python: `compile_stage(AOTSettings(stage="sft", topology="v5p:2x2x1",
+mesh=MeshConfig(1, 4, 1), batch_size=16, seq_len=2048, model=preset("llama3_8b"),
+lora=LoRAConfig(rank=8, targets=("q", "v"))))` returns the dict the CLI prints
+as JSON (keys: `compile_stage`'s docstring).
 
 What the numbers are (checked on libtpu 0.0.42 / jax 0.10.2, see tests/test_aot.py):
   * `memory_analysis()` and `cost_analysis()` describe the program of ONE chip
@@ -27,8 +34,10 @@ What the numbers are (checked on libtpu 0.0.42 / jax 0.10.2, see tests/test_aot.
     loop, so `flops_per_chip` and the bytes accessed cover one layer of L (and one
     microbatch, one PPO update, one decode step). Measured: a 4-layer model
     reports the same FLOPs as a 2-layer one when scanned, and 1.02 x 6*N*tokens
-    / chips unrolled. The roofline therefore also takes the model's own count
-    as a floor (see `roofline`).
+    / chips unrolled. So the step's matmul FLOPs are also counted from its jaxpr
+    (`jaxpr_flops`: loops times their length, remat's recomputation included;
+    within 1.5% of XLA's count on unrolled programs, which have no loop to
+    miss), and the roofline takes the larger count (see `roofline`).
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import jaxprs_in_params
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax import generate, lora, model, plan, sharding, train
@@ -313,6 +323,7 @@ class Built:
     """What a stage builder hands back."""
 
     lowered: Any  # jax.stages.Lowered of the stage's step
+    traced_flops: float  # `jaxpr_flops` of the same step (all chips together)
     model_flops: float  # FLOPs of one step by the formula in `flops_formula` (all chips together)
     flops_formula: str
     planned: int | None = None  # llm_jax.plan's per-chip total for the same settings, None: not modelled
@@ -374,13 +385,50 @@ def _planned(s: AOTSettings, mesh: Mesh, rows: int, extra: int = 0) -> int:
     return plan.plan(s.model, plan.abstract_mesh(*shape), rows, s.seq_len, s.optim).total + extra
 
 
+def jaxpr_flops(jaxpr) -> float:
+    """Matmul FLOPs of a (global) jaxpr: 2 per multiply-add of every dot_general, a
+    scan body times its length, the larger branch of a cond, a shard_map body
+    times its shards, the inner jaxprs of jit, remat (its recomputation is in the
+    backward pass's jaxpr, so it counts, as far as the backward needs it) and
+    custom derivatives. What XLA's count misses with scanned layers (module
+    docstring). Left out, so the count stays a lower bound: elementwise work, a
+    while loop's trips beyond the first (the stages use scan) and Pallas kernels
+    (the splash attention kernel `attention_impl="auto"` picks on TPU for T a
+    multiple of 128): their FLOPs are not in the trace."""
+    total = 0.0
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            (lhs_contracting, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in lhs_contracting)
+        elif name == "cond":
+            total += max(jaxpr_flops(branch.jaxpr) for branch in eqn.params["branches"])
+        elif name != "pallas_call":
+            inner = sum(jaxpr_flops(j) for j in jaxprs_in_params(eqn.params))
+            if name == "scan":
+                inner *= eqn.params["length"]
+            elif name == "shard_map":  # the body sees one shard's blocks
+                axes = eqn.params.get("newly_manual_axes", eqn.params.get("manual_axes", ()))
+                inner *= math.prod(eqn.params["mesh"].shape[a] for a in axes)
+            total += inner
+    return total
+
+
+def _traced_flops(fn, mesh: Mesh, *args) -> float:
+    """jaxpr_flops of fn(*args), traced under the mesh as its jit is (backend choices
+    follow the mesh's platform)."""
+    with jax.set_mesh(mesh):
+        return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def _lower_train(s: AOTSettings, mesh: Mesh, loss_fn, normalizer_fn, tx, schedule, state, shardings, batch,
                  frozen=None):
-    """The training stages' step, exactly as the experiments build it."""
+    """The training stages' step, exactly as the experiments build it: (lowered, traced FLOPs)."""
     sharding.check_batch_fits_mesh(s.batch_size, s.microbatches, mesh)
-    step = train.jit_train_step(train.make_train_step(loss_fn, normalizer_fn, tx, schedule, s.microbatches),
-                                mesh, shardings)
-    return step.lower(state, batch, frozen)
+    train_step = train.make_train_step(loss_fn, normalizer_fn, tx, schedule, s.microbatches)
+    step = train.jit_train_step(train_step, mesh, shardings)
+    return step.lower(state, batch, frozen), _traced_flops(train_step, mesh, state, batch, frozen)
 
 
 def _optimizer(s: AOTSettings):
@@ -401,18 +449,18 @@ def _lm_stage(s: AOTSettings, mesh: Mesh, loss_fn, normalizer_fn, batch, tokens:
     if s.lora.enabled:
         state, shards = _train_state(lambda r: lora.init_adapters(s.lora, cfg, r), tx, mesh)
         wrapped = lora.lora_loss_fn(loss_fn, s.lora, base_as_reference=reference)
-        lowered = _lower_train(s, mesh, wrapped, normalizer_fn, tx, schedule, state, shards, batch, base)
+        lowered, traced = _lower_train(s, mesh, wrapped, normalizer_fn, tx, schedule, state, shards, batch, base)
         # Forward 2N and the activations' backward 2N per token; the frozen base gets no
         # weight gradient (the adapters' FLOPs are left out: rank << d_model).
-        return Built(lowered, (4 + 2 * reference) * n * tokens,
+        return Built(lowered, traced, (4 + 2 * reference) * n * tokens,
                      f"{4 + 2 * reference} N tokens (LoRA: forward + activation backward"
                      f"{', + the reference forward' if reference else ''}), N = {n:,}",
                      None, "not modelled: the planner plans full-parameter training, not LoRA")
     state, shards = _train_state(lambda r: model.init(cfg, r), tx, mesh)
     frozen = base if reference else None
-    lowered = _lower_train(s, mesh, loss_fn, normalizer_fn, tx, schedule, state, shards, batch, frozen)
+    lowered, traced = _lower_train(s, mesh, loss_fn, normalizer_fn, tx, schedule, state, shards, batch, frozen)
     extra = plan.sharded_bytes(base, mesh) if reference else 0
-    return Built(lowered, (6 + 2 * reference) * n * tokens,
+    return Built(lowered, traced, (6 + 2 * reference) * n * tokens,
                  f"{6 + 2 * reference} N tokens{' (+ the reference forward)' if reference else ''}, N = {n:,}",
                  _planned(s, mesh, rows, extra),
                  f"full training on {rows} sequences per pass" + (" + the frozen reference's params" if reference
@@ -460,15 +508,15 @@ def _rm(s: AOTSettings, mesh: Mesh) -> Built:
     tokens = 2 * s.batch_size * s.seq_len
     if s.lora.enabled:
         state, shards = _train_state(lambda r: lora.init_reward_trainable(s.lora, cfg, r), tx, mesh)
-        lowered = _lower_train(s, mesh, lora.lora_reward_loss_fn(loss_fn, s.lora), reward.pair_count, tx,
-                               schedule, state, shards, batch, _lm_params(cfg, mesh))
-        return Built(lowered, 4 * n * tokens, f"4 N tokens (LoRA: forward + activation backward), N = {n:,}",
+        lowered, traced = _lower_train(s, mesh, lora.lora_reward_loss_fn(loss_fn, s.lora), reward.pair_count,
+                                       tx, schedule, state, shards, batch, _lm_params(cfg, mesh))
+        return Built(lowered, traced, 4 * n * tokens, f"4 N tokens (LoRA: forward + activation backward), N = {n:,}",
                      None, "not modelled: the planner plans full-parameter training, not LoRA")
     state, shards = _train_state(
         lambda r: reward.init_reward_params(cfg, model.init(cfg, r), r, likelihood=s.rm_likelihood), tx, mesh)
-    lowered = _lower_train(s, mesh, loss_fn, reward.pair_count, tx, schedule, state, shards, batch)
+    lowered, traced = _lower_train(s, mesh, loss_fn, reward.pair_count, tx, schedule, state, shards, batch)
     rows = 2 * s.batch_size // s.microbatches
-    return Built(lowered, 6 * n * tokens, f"6 N tokens (chosen + rejected), N = {n:,}",
+    return Built(lowered, traced, 6 * n * tokens, f"6 N tokens (chosen + rejected), N = {n:,}",
                  _planned(s, mesh, rows), f"full training on {rows} sequences per pass (the LM; not the head)")
 
 
@@ -502,13 +550,14 @@ def _ppo(s: AOTSettings, mesh: Mesh) -> Built:
     assert set(shapes) == set(ppo.UPDATE_KEYS), "ppo.UPDATE_KEYS changed: update the scored rollout here"
     scored = {k: jax.ShapeDtypeStruct(shape, dt, sharding=sharding.batch_sharding(mesh, len(shape)))
               for k, (shape, dt) in shapes.items()}
+    args = (state, scored, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+            jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
     with jax.set_mesh(mesh):  # activation constraints read the mesh at trace time
-        lowered = update.lower(state, scored, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-                               jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
+        lowered = update.lower(*args)
     reference = _lm_params(cfg, mesh)
     reward_model = _placed(jax.eval_shape(
         lambda r: reward.init_reward_params(cfg, model.init(cfg, r), r, likelihood=s.rm_likelihood), _KEY), mesh)
-    return Built(lowered, 6 * 2 * n * B * T * p.epochs,
+    return Built(lowered, _traced_flops(update, mesh, *args), 6 * 2 * n * B * T * p.epochs,
                  f"6 x 2N x rollout tokens x epochs (policy + value model), N = {n:,}",
                  None, "not modelled: the planner plans one model's training",
                  resident_bytes=plan.sharded_bytes(reference, mesh) + plan.sharded_bytes(reward_model, mesh))
@@ -524,13 +573,18 @@ def _generate(s: AOTSettings, mesh: Mesh) -> Built:
     params = _lm_params(cfg, mesh)
     rows, rep = sharding.batch_sharding(mesh, 2), NamedSharding(mesh, P())
     prompt = jax.ShapeDtypeStruct((B, Pn), jnp.int32, sharding=rows)
+    args = (params, prompt, prompt, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+            jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+
+    def sample(params, tokens, mask, rng, eos_id):
+        return generate._sample(cfg, params, tokens, mask, rng, max_new_tokens=N, temperature=1.0, top_k=0,
+                                top_p=1.0, eos_id=eos_id, use_cache=True)
+
     with jax.set_mesh(mesh):  # the model's backend choices and activation constraints follow the mesh
-        lowered = generate._sample.lower(
-            cfg, params, prompt, prompt, jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
-            max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
-            eos_id=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), use_cache=True)
+        lowered = generate._sample.lower(cfg, *args[:4], max_new_tokens=N, temperature=1.0, top_k=0, top_p=1.0,
+                                         eos_id=args[4], use_cache=True)
     # Every decode step reads every local weight once: N passes over the params at least.
-    return Built(lowered, 2 * n * B * (Pn + N), f"2 N tokens (prompt + new), N = {n:,}", None,
+    return Built(lowered, _traced_flops(sample, mesh, *args), 2 * n * B * (Pn + N), f"2 N tokens (prompt + new), N = {n:,}", None,
                  "not modelled: the planner plans training", min_bytes_per_chip=N * plan.sharded_bytes(params, mesh))
 
 
@@ -553,16 +607,18 @@ LORA_STAGES = ("sft", "sft_kl", "rm", "dpo")
 
 
 def roofline(chip: Chip, chips: int, flops_per_chip: float, bytes_per_chip: float, model_flops: float,
-             min_bytes_per_chip: float = 0.0) -> dict:
+             traced_flops: float = 0.0, min_bytes_per_chip: float = 0.0) -> dict:
     """Lower bound on the step time and the MFU it allows.
 
     step >= max(FLOPs per chip / peak FLOP/s, bytes per chip / HBM bandwidth), where
-    the FLOPs per chip are the larger of XLA's count and the model's (model_flops /
-    chips) and the bytes the larger of XLA's count and `min_bytes_per_chip`: XLA
-    counts each while-loop body once (module docstring), so alone it would bound
-    the step by one layer's work. MFU <= model_flops / (chips x peak x bound);
-    model_flops leaves out recomputation (remat) and attention's T^2 term, as MFU does."""
-    flops = max(flops_per_chip, model_flops / chips)
+    the FLOPs per chip are the largest of XLA's count, the traced matmul FLOPs
+    (`jaxpr_flops`, remat's recomputation and attention included) and the model's,
+    each global count split evenly over the chips, and the bytes the larger of
+    XLA's count and `min_bytes_per_chip`: XLA counts each while-loop body once
+    (module docstring), so alone it would bound the step by one layer's work.
+    MFU <= model_flops / (chips x peak x bound): model FLOPs (6 N per token for
+    training) leave out recomputation and attention's T^2 term, as MFU does."""
+    flops = max(flops_per_chip, traced_flops / chips, model_flops / chips)
     bytes_ = max(bytes_per_chip, min_bytes_per_chip)
     compute_s, memory_s = flops / chip.peak_flops, bytes_ / chip.hbm_bandwidth
     bound = max(compute_s, memory_s)
@@ -582,13 +638,16 @@ def compile_stage(settings: AOTSettings) -> dict:
         hbm_bytes (one chip's HBM), fits (total + resident_bytes <= hbm_bytes),
         resident_bytes (per chip, frozen models a stage holds beside its step: PPO),
         flops_per_chip (XLA's cost analysis, one chip, each loop body once),
-        bytes_accessed_per_chip (the same), model_flops (whole step, all chips; formula
-            in flops_formula), compile_s (XLA), lower_s (tracing + lowering),
+        bytes_accessed_per_chip (the same), traced_flops (`jaxpr_flops` of the step, all
+            chips: loops counted in full, remat included), model_flops (whole step, all
+            chips; formula in flops_formula), compile_s (XLA), lower_s (tracing + lowering),
         planned_total_bytes (llm_jax.plan for the same settings, None where it has no
             model of the stage; planned_as says what was planned),
         roofline {step_s_lower_bound, mfu_upper_bound, compute_s, memory_s, bound_by}.
 
     Raises ConfigError / MeshError (before compiling) for settings that cannot work."""
+    chip, dims = parse_topology(settings.topology)
+    _quiet_libtpu(chip, math.prod(dims))  # before anything (a LoRA check's PRNGKey) starts a backend
     s = settings.validate()
     chip, devices = topology_devices(s.topology, s.num_slices)
     mesh = make_mesh(s.mesh, devices, s.num_slices, s.topology)
@@ -612,10 +671,11 @@ def compile_stage(settings: AOTSettings) -> dict:
         "per_chip_bytes": per_chip, "hbm_bytes": chip.hbm_bytes, "resident_bytes": built.resident_bytes,
         "fits": per_chip["total"] + built.resident_bytes <= chip.hbm_bytes,
         "flops_per_chip": flops, "bytes_accessed_per_chip": accessed,
+        "traced_flops": float(built.traced_flops),
         "model_flops": float(built.model_flops), "flops_formula": built.flops_formula,
         "compile_s": round(t2 - t1, 2), "lower_s": round(t1 - t0, 2),
         "planned_total_bytes": built.planned, "planned_as": built.planned_as,
-        "roofline": roofline(chip, len(devices), flops, accessed, built.model_flops,
+        "roofline": roofline(chip, len(devices), flops, accessed, built.model_flops, built.traced_flops,
                              max(built.min_bytes_per_chip, per_chip["arguments"])),
     }
 
@@ -652,8 +712,9 @@ def format_table(r: dict, s: AOTSettings) -> str:
     else:
         lines.append(f"  planner: {r['planned_as']}")
     lines += [
-        f"  FLOPs per chip: XLA {r['flops_per_chip']:.4g} (each loop body once), model "
-        f"{r['model_flops'] / r['chips']:.4g} ({r['flops_formula']}, over {r['chips']} chips)",
+        f"  FLOPs per chip: XLA {r['flops_per_chip']:.4g} (each loop body once), traced matmuls "
+        f"{r['traced_flops'] / r['chips']:.4g}, model {r['model_flops'] / r['chips']:.4g} "
+        f"({r['flops_formula']}; both over {r['chips']} chips)",
         f"  bytes accessed per chip (XLA, each loop body once): {r['bytes_accessed_per_chip']:.4g}",
         f"  roofline: step >= {roof['step_s_lower_bound'] * 1e3:.3f} ms ({roof['bound_by']}-bound; compute "
         f"{roof['compute_s'] * 1e3:.3f} ms, memory {roof['memory_s'] * 1e3:.3f} ms), "

@@ -21,6 +21,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from llm_jax import aot, lora, model, plan, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, preset
@@ -31,7 +32,8 @@ try:
 except ImportError:
     INSTALL = f'pip install "jax[tpu]=={jax.__version__}"  (or pip install -e ".[tpu]")'
     if os.environ.get("CI"):
-        raise RuntimeError(f"CI must run the ahead-of-time TPU tests: libtpu is missing; {INSTALL}")
+        pytest.fail(f"CI must run the ahead-of-time TPU tests, not skip them: libtpu is missing; {INSTALL}",
+                    pytrace=False)
     pytest.skip(f"the TPU compiler (libtpu) is not installed: {INSTALL}", allow_module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +157,24 @@ def test_arguments_are_the_sharded_state_and_batch_and_flops_are_per_chip(full_s
     ratio = full_sft["flops_per_chip"] / (6 * n * tokens / 4)
     assert 1.0 <= ratio < 1.1, ratio  # + attention's T^2 terms and the elementwise work: per chip, not global
     assert full_sft["model_flops"] == 6 * n * tokens
+    # Without loops, the traced matmul FLOPs (split over the chips) are XLA's count
+    # less its elementwise work.
+    traced = full_sft["traced_flops"] / 4
+    assert 0.97 < traced / full_sft["flops_per_chip"] <= 1.0
+
+
+def test_traced_flops_count_what_xla_counts_once():
+    """Scanned layers and microbatches: XLA's count covers one loop body (here about
+    half, 2 layers / 2 microbatches); the traced count stays the unrolled one. Remat
+    recomputes the forward: 8 N per token instead of 6 N, in both counts."""
+    scanned = aot.compile_stage(settings("sft", model=dataclasses.replace(ALIGNED, scan_layers=True),
+                                         seq_len=ALIGNED_T, microbatches=2))
+    remat = aot.compile_stage(settings("sft", model=dataclasses.replace(ALIGNED, remat="full"), seq_len=ALIGNED_T))
+    n = aot.matmul_params(ALIGNED)
+    plain = 6 * n * B * ALIGNED_T
+    assert scanned["traced_flops"] >= plain and scanned["flops_per_chip"] < 0.6 * scanned["traced_flops"] / 4
+    assert 0.97 < remat["traced_flops"] / 4 / remat["flops_per_chip"] <= 1.0
+    assert 1.25 < remat["traced_flops"] / scanned["traced_flops"] < 8 / 6 * 1.05
 
 
 def test_lora_step_holds_the_base_once_and_trains_only_adapters(full_sft):
@@ -262,20 +282,41 @@ def test_missing_tpu_compiler_says_how_to_install(capsys, monkeypatch, no_compil
 
 
 def test_command_line_is_quiet_and_ends_with_json():
-    """A fresh process (libtpu starts there, so its host-probing warnings would show),
-    while this one holds libtpu too (its lockfile would refuse a second process):
-    stderr stays empty, the JSON object is the last line."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
-    proc = subprocess.run([sys.executable, "-m", "llm_jax.aot", "--preset", "tiny", "--stage", "generate",
+    """A fresh process as a user starts it (no TPU_* variables, no JAX_PLATFORMS, so
+    jax's default backend would probe for a TPU too, and libtpu prints its host
+    warnings), while this process holds libtpu (its lockfile would refuse a second
+    one): stderr stays empty, the JSON object is the last line. A LoRA stage: its
+    settings check runs a PRNG op before any topology is made."""
+    drop = ("ALLOW_MULTIPLE_LIBTPU_LOAD", "JAX_PLATFORMS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_") and k not in drop}
+    proc = subprocess.run([sys.executable, "-m", "llm_jax.aot", "--preset", "tiny", "--stage", "sft",
                            "--topology", "v6e:2x2", "--mesh", "1,4,1", "--batch-size", "4", "--seq-len", "32",
-                           "--set", "max_new_tokens=8"],
+                           "--set", "lora.rank=4", "--set", 'lora.targets=["q","v"]'],
                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["device_kind"] == "TPU v6 lite" and r["stage"] == "generate"
-    assert "2 N tokens (prompt + new)" in r["flops_formula"]
-    assert r["model_flops"] == 2 * aot.matmul_params(preset("tiny")) * 4 * 32
+    out = proc.stdout.strip().splitlines()
+    r = json.loads(out[-1])
+    assert r["device_kind"] == "TPU v6 lite" and r["stage"] == "sft"
+    assert "LoRA rank 4 on q,v" in out[0]
+    assert r["model_flops"] == 4 * aot.matmul_params(preset("tiny")) * 4 * 32
+
+
+def test_jaxpr_flops_counts_loops_branches_and_shards():
+    x, y = jax.ShapeDtypeStruct((16, 32), jnp.float32), jax.ShapeDtypeStruct((32, 8), jnp.float32)
+    mm = 2 * 16 * 32 * 8
+
+    def flops(fn, *args):
+        return aot.jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+    assert flops(jnp.matmul, x, y) == mm
+    assert flops(lambda a, b: jax.lax.scan(lambda c, _: (c, a @ b), 0.0, None, length=5)[1], x, y) == 5 * mm
+    assert flops(lambda a, b: jax.lax.cond(True, lambda: a @ b @ b.T, lambda: a), x, y) == mm + 2 * 16 * 8 * 32
+    assert flops(jax.jit(lambda a, b: jax.checkpoint(jnp.matmul)(a, b)), x, y) == mm
+    mesh = sharding.make_mesh(MeshConfig(8, 1, 1), jax.devices()[:8])
+    split = jax.shard_map(jnp.matmul, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"))
+    with jax.set_mesh(mesh):
+        assert flops(split, x, y) == mm  # each of 8 shards does 1/8 of the rows
 
 
 def test_known_stages_table_is_the_cli_choices():
