@@ -129,6 +129,8 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], *, max_new_t
     program, which matters when an evaluation runs many batches."""
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if max_new_tokens < 1:  # _sample reads its first key before any step: it used to fail with an IndexError
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
     longest = max(len(p) for p in prompts) + max_new_tokens
     if config.positions == "learned" and longest > config.max_len:
         raise ValueError(f"prompt + max_new_tokens = {longest} exceeds model.max_len={config.max_len}")

@@ -187,3 +187,98 @@ def reference_logits(cfg, params, tokens, positions=None, segment_ids=None):
     p = to_numpy(params)
     w = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
     return hidden @ w
+
+
+# ---------------------------------------------------------------------------
+# Test weights and decoding (for the sampler's tests)
+
+
+def random_params(shapes, seed, *, residual_scale=6.0):
+    """A params tree shaped like `shapes` (nested dicts whose leaves have .shape,
+    e.g. `jax.eval_shape` of `llm_jax.model.init`), drawn by numpy at O(1)
+    activation scale, float32.
+
+    Why not init's weights: at init (std 0.02) a tied-embedding model's
+    residual stream is its input embedding, so the greedy next token is the
+    current token at every position whatever the cache, padding or positions
+    do. Here the attention and MLP outputs (o, down) are `residual_scale` times
+    a unit-variance map, so what the layers compute (context, positions) decides
+    the argmax, and norms and biases are not the identity either."""
+    rng = np.random.default_rng(seed)
+
+    def draw(name, s):
+        if name == "scale":
+            return 1.0 + 0.2 * rng.standard_normal(s)
+        if "bias" in name:
+            return 0.2 * rng.standard_normal(s)
+        if name in ("embed", "pos_embed", "type_embed"):
+            return rng.standard_normal(s)
+        if name in ("q", "k"):  # [L, D, heads, H]: scores of O(1), attention far from uniform
+            return 2.0 * rng.standard_normal(s) / math.sqrt(s[1])
+        if name == "v":
+            return rng.standard_normal(s) / math.sqrt(s[1])
+        if name == "o":  # [L, N, H, D]
+            return residual_scale * rng.standard_normal(s) / math.sqrt(s[1] * s[2])
+        if name in ("up", "gate"):  # [L, D, F]
+            return rng.standard_normal(s) / math.sqrt(s[1])
+        if name == "down":  # [L, F, D]
+            return residual_scale * rng.standard_normal(s) / math.sqrt(s[1])
+        if name in ("lm_head", "kernel"):  # [D, V] / [D, ...]
+            return rng.standard_normal(s) / math.sqrt(s[0])
+        raise KeyError(f"random_params: no rule for a param named {name!r}")
+
+    def walk(tree, name=""):
+        if isinstance(tree, dict):
+            return {k: walk(v, k) for k, v in tree.items()}
+        return np.asarray(draw(name, tuple(tree.shape)), np.float32)
+
+    return walk(shapes)
+
+
+def greedy_pick(step, logits, min_gap=1e-4):
+    """argmax of each row of logits [B, V]; fails on a near tie (top two within
+    `min_gap` of the row's scale), where float32 rounding in the model under
+    test could pick the other token: such weights cannot decide a test."""
+    out = []
+    for row in np.asarray(logits, np.float64):
+        top2 = np.sort(row)[-2:]
+        scale = max(1.0, float(np.abs(row).max()))
+        assert top2[1] - top2[0] > min_gap * scale, (
+            f"step {step}: near tie in the reference's argmax ({top2[1] - top2[0]:.2e} of scale "
+            f"{scale:.1f}); use weights with clear argmaxes")
+        out.append(int(np.argmax(row)))
+    return out
+
+
+def decode(cfg, params, prompts, max_new_tokens, *, pick=greedy_pick, eos_id=-1, last_logits=None):
+    """Decodes every prompt alone, with no padding and no cache: at each step the
+    full forward over each row's whole sequence so far, its last position's
+    logits stacked into [B, V] float64 (rows in prompt order), and
+    `pick(step, logits) -> B token ids`. A row that produced `eos_id` is done:
+    its output stops before the eos and it gets `eos_id` for the later steps
+    (as a batched sampler fills a finished row).
+
+    last_logits(seq) -> [V]: the forward to use; default the float64 reference
+    forward of this module (`reference_logits`)."""
+    if last_logits is None:
+        def last_logits(seq):
+            return reference_logits(cfg, params, np.asarray([seq]))[0, -1]
+    seqs = [list(p) for p in prompts]
+    outs = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    for step in range(max_new_tokens):
+        if all(done):
+            break
+        rows = {i: np.asarray(last_logits(s), np.float64) for i, s in enumerate(seqs) if not done[i]}
+        finished = np.zeros_like(next(iter(rows.values())))
+        finished[eos_id] = 1.0  # a finished row's logits: never read, but a clear argmax
+        new = pick(step, np.stack([rows.get(i, finished) for i in range(len(seqs))]))
+        for i, tok in enumerate(new):
+            if done[i]:
+                continue
+            if int(tok) == eos_id:
+                done[i] = True
+                continue
+            seqs[i].append(int(tok))
+            outs[i].append(int(tok))
+    return outs

@@ -3,16 +3,24 @@ numeric parts (batched decoding, KL against a numpy reference)."""
 
 import collections
 import json
+import pathlib
 import random
+import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import evals, generate, model
+from llm_jax import evals, model
 from llm_jax.config import ModelConfig, preset
 from llm_jax.data import builtin, preferences
 from llm_jax.data.tokenizer import ByteTokenizer
+
+TESTS = pathlib.Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+import reference_model as ref  # noqa: E402
 
 TOK = ByteTokenizer()
 BIG = ModelConfig(vocab_size=TOK.vocab_size, max_len=1024)  # scripted models never run it
@@ -168,12 +176,30 @@ def test_instruction_accuracy_of_scripted_models():
     assert wrong["accuracy"] == 0.0 and set(wrong["by_task"].values()) == {0.0}
 
 
-def test_batched_decoding_equals_one_prompt_at_a_time():
+def test_batched_decoding_equals_reference_decodes():
+    """decode_batched (batches of 2, left-padded to a width of 32, the last batch
+    filled with a copy) against each prompt decoded alone by the float64 reference
+    model with no padding or cache. Weights where the greedy token follows the
+    context (at init's it is the current token: [last] * n whatever the batching)."""
+    shapes = jax.eval_shape(lambda: model.init(CFG, jax.random.PRNGKey(0)))
+    params = jax.tree.map(jnp.asarray, ref.random_params(shapes, seed=3))
     prompts = [[1, 40, 41, 42], [1, 50, 51, 52, 53, 54, 55], [1, 60, 61, 62]]
-    got = evals.decode_batched(CFG, PARAMS, prompts, max_new_tokens=6, eos_id=TOK.eos_id,
-                               pad_id=TOK.pad_id, batch_size=2)
-    assert got == [generate.generate(CFG, PARAMS, [p], max_new_tokens=6, eos_id=TOK.eos_id)[0]
-                   for p in prompts]
+    kw = dict(max_new_tokens=6, eos_id=TOK.eos_id, pad_id=TOK.pad_id, batch_size=2)
+    want = ref.decode(CFG, params, prompts, 6, eos_id=TOK.eos_id)
+    assert all(out != [p[-1]] * 6 for p, out in zip(prompts, want)) and len(set(map(tuple, want))) == 3, want
+    assert evals.decode_batched(CFG, params, prompts, **kw) == want
+    # Sampling: batch i draws with fold_in(PRNGKey(seed), i), its step j with key j
+    # of split(that, max_new_tokens), over the batch's rows (the copy included).
+    def pick_with(batch_key):
+        keys = jax.random.split(batch_key, 6)
+        return lambda step, logits: [int(t) for t in np.asarray(jax.random.categorical(
+            keys[step], jnp.asarray(logits / 0.8, jnp.float32)))]
+    key = jax.random.PRNGKey(5)
+    sampled = (ref.decode(CFG, params, prompts[:2], 6, eos_id=TOK.eos_id, pick=pick_with(jax.random.fold_in(key, 0)))
+               + ref.decode(CFG, params, [prompts[2]] * 2, 6, eos_id=TOK.eos_id,
+                            pick=pick_with(jax.random.fold_in(key, 1)))[:1])
+    assert sampled != want
+    assert evals.decode_batched(CFG, params, prompts, seed=5, temperature=0.8, **kw) == sampled
 
 
 # ---------------------------------------------------------------------------

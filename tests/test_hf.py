@@ -413,21 +413,27 @@ def test_hf_tokenizer_errors(tmp_path):
 
 
 def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
-    from test_generate_cli import CFG, PARAMS, save_stage
+    import reference_model as ref
+    from test_generate_cli import CFG, WEIGHTS, save_stage
     from llm_jax.data.tokenizer import train_bpe
 
     workdir = str(tmp_path / "run")
     head = {"kernel": jnp.ones((CFG.d_model,)), "bias": jnp.zeros(())}
-    save_stage(workdir, "sft", PARAMS)
-    save_stage(workdir, "ppo", {"policy": PARAMS, "value": {"model": PARAMS, "head": head}})
-    save_stage(workdir, "rm", {"model": PARAMS, "head": head})
+    # Each stage, and the PPO value model, has its own weights: exporting the wrong
+    # stage or subtree gives another model's logits.
+    save_stage(workdir, "sft", WEIGHTS["sft"])
+    save_stage(workdir, "ppo", {"policy": WEIGHTS["policy"], "value": {"model": WEIGHTS["value"], "head": head}})
+    save_stage(workdir, "rm", {"model": WEIGHTS["reward"], "head": head})
     tokens = np.random.default_rng(4).integers(0, CFG.vocab_size, (2, 10))
-    want = ours(CFG, PARAMS, tokens)
-    for stage in ("sft", "ppo"):
+    # expected: the float64 reference model (tests/reference_model.py) on each stage's own weights
+    want = {w: ref.reference_logits(CFG, WEIGHTS[w], tokens) for w in ("sft", "policy", "value")}
+    assert min(rel_err(want[a], want[b]) for a, b in [("sft", "policy"), ("sft", "value"),
+                                                       ("policy", "value")]) > 100 * RTOL
+    for stage, weights in (("sft", "sft"), ("ppo", "policy")):
         out = str(tmp_path / f"hf_{stage}")
         assert hf.main(["export", "--workdir", workdir, "--stage", stage, "--out", out]) == 0
         assert json.loads(capsys.readouterr().out)["family"] == "llama"
-        assert rel_err(reload_logits(out, transformers.AutoModelForCausalLM, tokens), want) < RTOL
+        assert rel_err(reload_logits(out, transformers.AutoModelForCausalLM, tokens), want[weights]) < RTOL
     assert hf.main(["export", "--workdir", workdir, "--stage", "rm", "--out", str(tmp_path / "x")]) == 2
     assert "scalar model" in capsys.readouterr().err
     assert hf.main(["export", "--workdir", workdir, "--stage", "nope", "--out", str(tmp_path / "x")]) == 2

@@ -753,12 +753,43 @@ def test_gelu_tanh_values_and_derivatives():
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_cpu_tied_head_backward_matches_autodiff(monkeypatch, tied):
-    """The CPU-only custom backward of the tied LM head gives the same gradients as the
-    plain einsum that other backends use (both paths run here by switching the check)."""
+    """The LM head's backward in both of its forms, switched by `_cpu_tied_head`
+    (the CPU-only custom backward of the tied head, and the plain einsum other
+    backends use), against float64 numpy: logits = h @ W with W = embed^T (tied)
+    or lm_head, so d sum(logits * g) is g @ W^T for h and h^T @ g for W. Untied,
+    the switch must not matter (there is no custom form) and the head's gradient
+    goes to lm_head, none of it to the embedding. Tied, the two forms also agree
+    through the whole model (the head's and the input lookup's embedding
+    gradients add up)."""
     cfg = make_config(tie_embeddings=tied)
     params = random_params(cfg, seed=31)
+    rng = np.random.default_rng(33)
+    w = jnp.asarray(rng.standard_normal((B, T, cfg.vocab_size)), jnp.float32)
+    hidden = jnp.asarray(rng.standard_normal((B, T, cfg.d_model)), jnp.float32)
+    g64, h64 = np.asarray(w, np.float64), np.asarray(hidden, np.float64)
+    W = np.asarray(params["embed"], np.float64).T if tied else np.asarray(params["lm_head"], np.float64)
+    want_h = np.einsum("btv,dv->btd", g64, W)
+    want_w = np.einsum("btd,btv->dv", h64, g64)  # [D, V]
+
+    def close(got, want, what):
+        scale = max(1.0, float(np.abs(want).max()))
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=REF_RTOL, atol=REF_ATOL * scale,
+                                   err_msg=what)
+
+    for custom in (True, False):
+        monkeypatch.setattr(model, "_cpu_tied_head", lambda custom=custom: custom)
+        d_h, d_p = jax.jit(jax.grad(lambda h, p: jnp.sum(model.lm_logits(cfg, p, h) * w),
+                                    argnums=(0, 1)))(hidden, params)
+        close(d_h, want_h, f"d hidden, custom={custom}")
+        if tied:
+            close(np.asarray(d_p["embed"]).T, want_w, f"d embed, custom={custom}")
+        else:
+            close(d_p["lm_head"], want_w, f"d lm_head, custom={custom}")
+            assert not np.any(np.asarray(d_p["embed"])), "the untied head's gradient reached the embedding"
+    if not tied:
+        return
+
     tokens = jnp.asarray(random_tokens((B, T), seed=32))
-    w = jnp.asarray(np.random.default_rng(33).standard_normal((B, T, cfg.vocab_size)), jnp.float32)
 
     def grads():
         return jax.jit(jax.grad(lambda p: jnp.sum(model.apply(cfg, p, tokens) * w)))(params)
