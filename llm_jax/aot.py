@@ -11,7 +11,9 @@ XLA itself says about one chip: the bytes of arguments, outputs and temporaries,
 whether they fit in its HBM, the FLOPs and bytes it accesses, a roofline bound on
 the step time and MFU, the compile time, and the planner's estimate
 (`llm_jax.plan`) for the same settings. The last line is one JSON object (the
-same dict `compile_stage` returns).
+same dict `compile_stage` returns). Exit status: 0 fits, 1 does not fit (also
+when the TPU compiler refuses the program for want of HBM), 2 settings that
+cannot work (`error: ...` on stderr, before anything is compiled).
 
 Stages (`STAGES`: adding one is one entry): pretrain, mlm, sft, sft_kl, rm, dpo,
 ppo (the PPO update), generate (the KV-cache sampler). generate and ppo split
@@ -78,7 +80,8 @@ class Chip:
     generation: str  # the topology prefix libtpu takes: "v5p" in v5p:2x2x1
     device_kinds: tuple[str, ...]  # `device.device_kind` as libtpu reports it (first: libtpu 0.0.42)
     peak_flops: float  # dense bf16 FLOP/s per chip
-    hbm_bytes: int  # HBM per chip
+    hbm_bytes: int  # HBM per chip, as documented
+    usable_hbm_bytes: int  # what the TPU compiler lets one chip's program use (`fits` compares with it)
     hbm_bandwidth: float  # bytes/s per chip
     cores_per_chip: int  # TensorCores; accelerator types count them on v4/v5p (v5p-8 = 4 chips)
     accelerator_prefix: str  # gcloud's --type prefix
@@ -96,19 +99,23 @@ class Chip:
 #        "HBM capacity per chip 32 GB", "HBM bandwidth per chip 1640 GBps" (an older
 #        revision of the page said 1600)
 # Capacities are taken as binary (GiB): the v4 page says GiB and HBM stacks come in
-# binary sizes; the runtime keeps a little for itself, so a step within a few
-# hundred MiB of the limit is not a promise. Bandwidths are decimal (1 GBps = 1e9 B/s).
+# binary sizes. Bandwidths are decimal (1 GBps = 1e9 B/s).
+# Usable HBM: the "available HBM" libtpu 0.0.42's compiler names when it refuses a
+# program that does not fit ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the
+# total memory required for HLO temporaries (...) exceeds available HBM (15.75G)"
+# on v5e; 30.75G v4, 95.74G v5p, 31.25G v6e), probed with oversized steps: the
+# runtime keeps the rest (v5p's 95.74 GiB is more than its page's "95GB").
 # device_kind: what libtpu 0.0.42 reports for each topology (probed with
 # jax.experimental.topologies); jax.experimental.mesh_utils also knows the
 # "TPU v5e" / "TPU v5p" spellings, accepted too.
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", ("TPU v4",), 275e12, 32 * GiB, 1200e9, 2, "v4",
+    "v4": Chip("v4", ("TPU v4",), 275e12, 32 * GiB, int(30.75 * GiB), 1200e9, 2, "v4",
                ("v4:2x2x1", "v4:2x2x2", "v4:2x4x4", "v4:4x4x4")),
-    "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, 819e9, 1, "v5litepod",
+    "v5e": Chip("v5e", ("TPU v5 lite", "TPU v5e"), 197e12, 16 * GiB, int(15.75 * GiB), 819e9, 1, "v5litepod",
                 ("v5e:1x1", "v5e:2x2", "v5e:2x4", "v5e:4x4", "v5e:16x16")),
-    "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, 2765e9, 2, "v5p",
+    "v5p": Chip("v5p", ("TPU v5", "TPU v5p"), 459e12, 95 * GiB, int(95.74 * GiB), 2765e9, 2, "v5p",
                 ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x4x4", "v5p:4x4x4")),
-    "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, 1640e9, 1, "v6e",
+    "v6e": Chip("v6e", ("TPU v6 lite", "TPU v6e"), 918e12, 32 * GiB, int(31.25 * GiB), 1640e9, 1, "v6e",
                 ("v6e:1x1", "v6e:2x2", "v6e:2x4", "v6e:4x4", "v6e:16x16")),
 }
 ALIASES = {"v5litepod": "v5e"}  # gcloud's name for v5e; libtpu only takes "v5e"
@@ -635,7 +642,8 @@ def compile_stage(settings: AOTSettings) -> dict:
         topology, num_slices, chips (all slices), device_kind, stage,
         per_chip_bytes {arguments, outputs, temp, alias, total}: XLA's memory analysis
             of one chip; total = arguments + outputs + temp - alias (donated state),
-        hbm_bytes (one chip's HBM), fits (total + resident_bytes <= hbm_bytes),
+        hbm_bytes (one chip's HBM a program may use, `Chip.usable_hbm_bytes`),
+        hbm_capacity_bytes (as documented), fits (total + resident_bytes <= hbm_bytes),
         resident_bytes (per chip, frozen models a stage holds beside its step: PPO),
         flops_per_chip (XLA's cost analysis, one chip, each loop body once),
         bytes_accessed_per_chip (the same), traced_flops (`jaxpr_flops` of the step, all
@@ -643,7 +651,14 @@ def compile_stage(settings: AOTSettings) -> dict:
             chips; formula in flops_formula), compile_s (XLA), lower_s (tracing + lowering),
         planned_total_bytes (llm_jax.plan for the same settings, None where it has no
             model of the stage; planned_as says what was planned),
-        roofline {step_s_lower_bound, mfu_upper_bound, compute_s, memory_s, bound_by}.
+        roofline {step_s_lower_bound, mfu_upper_bound, compute_s, memory_s, bound_by},
+        compile_error (None, or the compiler's message when it refused the program).
+
+    A step that does not fit is a result, not an error: the TPU compiler refuses a
+    program whose temporaries exceed the chip's HBM (RESOURCE_EXHAUSTED); then
+    fits is False, compile_error holds its message (it names the bytes required),
+    per_chip_bytes, flops_per_chip and bytes_accessed_per_chip are None, and the
+    roofline rests on the traced and model FLOPs alone.
 
     Raises ConfigError / MeshError (before compiling) for settings that cannot work."""
     chip, dims = parse_topology(settings.topology)
@@ -655,28 +670,37 @@ def compile_stage(settings: AOTSettings) -> dict:
     t0 = time.perf_counter()
     built = STAGES[s.stage](s, mesh)
     t1 = time.perf_counter()
-    compiled = built.lowered.compile()
+    per_chip = flops = accessed = error = None
+    try:
+        compiled = built.lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        error = str(e).strip().splitlines()[0]
     t2 = time.perf_counter()
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
-    per_chip = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
-                "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
-    per_chip["total"] = per_chip["arguments"] + per_chip["outputs"] + per_chip["temp"] - per_chip["alias"]
-    flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    if error is None:
+        mem = compiled.memory_analysis()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per program
+        per_chip = {"arguments": int(mem.argument_size_in_bytes), "outputs": int(mem.output_size_in_bytes),
+                    "temp": int(mem.temp_size_in_bytes), "alias": int(mem.alias_size_in_bytes)}
+        per_chip["total"] = per_chip["arguments"] + per_chip["outputs"] + per_chip["temp"] - per_chip["alias"]
+        flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
     return {
         "topology": s.topology, "num_slices": s.num_slices, "chips": len(devices),
         "device_kind": devices[0].device_kind, "stage": s.stage,
         "mesh": dict(mesh.shape), "batch_size": s.batch_size, "seq_len": s.seq_len,
-        "per_chip_bytes": per_chip, "hbm_bytes": chip.hbm_bytes, "resident_bytes": built.resident_bytes,
-        "fits": per_chip["total"] + built.resident_bytes <= chip.hbm_bytes,
+        "per_chip_bytes": per_chip, "hbm_bytes": chip.usable_hbm_bytes, "hbm_capacity_bytes": chip.hbm_bytes,
+        "resident_bytes": built.resident_bytes,
+        "fits": error is None and per_chip["total"] + built.resident_bytes <= chip.usable_hbm_bytes,
         "flops_per_chip": flops, "bytes_accessed_per_chip": accessed,
         "traced_flops": float(built.traced_flops),
         "model_flops": float(built.model_flops), "flops_formula": built.flops_formula,
         "compile_s": round(t2 - t1, 2), "lower_s": round(t1 - t0, 2),
         "planned_total_bytes": built.planned, "planned_as": built.planned_as,
-        "roofline": roofline(chip, len(devices), flops, accessed, built.model_flops, built.traced_flops,
-                             max(built.min_bytes_per_chip, per_chip["arguments"])),
+        "roofline": roofline(chip, len(devices), flops or 0.0, accessed or 0.0, built.model_flops,
+                             built.traced_flops, max(built.min_bytes_per_chip, per_chip["arguments"] if per_chip else 0)),
+        "compile_error": error,
     }
 
 
@@ -691,31 +715,40 @@ def _gib(x: float) -> str:
 def format_table(r: dict, s: AOTSettings) -> str:
     b, roof = r["per_chip_bytes"], r["roofline"]
     m = r["mesh"]
+    usable = f"{r['hbm_bytes'] / GiB:g} GiB of HBM per chip usable"
     lines = [
         f"{s.label} {s.stage} on {r['topology']} x {r['num_slices']} slice(s): {r['chips']} chips "
         f"({r['device_kind']}), mesh data={m['data']} fsdp={m['fsdp']} tensor={m['tensor']}, "
         f"batch {r['batch_size']} x {r['seq_len']}, compute {s.model.dtype}, remat {s.model.remat}"
         + (f", LoRA rank {s.lora.rank} on {','.join(s.lora.targets)}" if s.lora.enabled else ""),
-        "  per chip (XLA memory analysis)",
-        *(f"    {k:<10} {b[k]:>16,d} B {_gib(b[k])}" for k in ("arguments", "outputs", "temp", "alias")),
-        f"    {'total':<10} {b['total']:>16,d} B {_gib(b['total'])}  (arguments + outputs + temp - alias)",
     ]
-    if r["resident_bytes"]:
-        lines.append(f"    {'resident':<10} {r['resident_bytes']:>16,d} B {_gib(r['resident_bytes'])}  "
-                     "(frozen models held beside the step)")
-    need = b["total"] + r["resident_bytes"]
-    lines.append(f"  {'fits' if r['fits'] else 'does NOT fit'} in {r['hbm_bytes'] / GiB:g} GiB of HBM per chip "
-                 f"({need / r['hbm_bytes']:.0%} used)")
+    if b is None:
+        lines.append(f"  does NOT fit in {usable}: the TPU compiler refused the step: {r['compile_error']}")
+    else:
+        lines += [
+            "  per chip (XLA memory analysis)",
+            *(f"    {k:<10} {b[k]:>16,d} B {_gib(b[k])}" for k in ("arguments", "outputs", "temp", "alias")),
+            f"    {'total':<10} {b['total']:>16,d} B {_gib(b['total'])}  (arguments + outputs + temp - alias)",
+        ]
+        if r["resident_bytes"]:
+            lines.append(f"    {'resident':<10} {r['resident_bytes']:>16,d} B {_gib(r['resident_bytes'])}  "
+                         "(frozen models held beside the step)")
+        need = b["total"] + r["resident_bytes"]
+        lines.append(f"  {'fits' if r['fits'] else 'does NOT fit'} in {usable} ({need / r['hbm_bytes']:.0%} used)")
     if r["planned_total_bytes"] is not None:
-        lines.append(f"  planner (llm_jax.plan, {r['planned_as']}): {_gib(r['planned_total_bytes'])}; "
-                     f"compiled / planned = {b['total'] / r['planned_total_bytes']:.2f}")
+        ratio = "" if b is None else f"; compiled / planned = {b['total'] / r['planned_total_bytes']:.2f}"
+        lines.append(f"  planner (llm_jax.plan, {r['planned_as']}): {_gib(r['planned_total_bytes'])}{ratio}")
     else:
         lines.append(f"  planner: {r['planned_as']}")
+    xla = "no program" if b is None else f"{r['flops_per_chip']:.4g} (each loop body once)"
     lines += [
-        f"  FLOPs per chip: XLA {r['flops_per_chip']:.4g} (each loop body once), traced matmuls "
+        f"  FLOPs per chip: XLA {xla}, traced matmuls "
         f"{r['traced_flops'] / r['chips']:.4g}, model {r['model_flops'] / r['chips']:.4g} "
         f"({r['flops_formula']}; both over {r['chips']} chips)",
-        f"  bytes accessed per chip (XLA, each loop body once): {r['bytes_accessed_per_chip']:.4g}",
+    ]
+    if b is not None:
+        lines.append(f"  bytes accessed per chip (XLA, each loop body once): {r['bytes_accessed_per_chip']:.4g}")
+    lines += [
         f"  roofline: step >= {roof['step_s_lower_bound'] * 1e3:.3f} ms ({roof['bound_by']}-bound; compute "
         f"{roof['compute_s'] * 1e3:.3f} ms, memory {roof['memory_s'] * 1e3:.3f} ms), "
         f"MFU <= {roof['mfu_upper_bound']:.1%}",
@@ -764,7 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     import json
     print(format_table(result, settings))
     print(json.dumps(result))
-    return 0
+    return 0 if result["fits"] else 1  # as llm_jax.plan: scripts can test the exit status
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -65,8 +66,9 @@ def check_contract(r, *, chips, kind, stage):
     assert set(b) == {"arguments", "outputs", "temp", "alias", "total"}
     assert all(isinstance(v, int) and v >= 0 for v in b.values())
     assert b["total"] == b["arguments"] + b["outputs"] + b["temp"] - b["alias"]
-    assert r["hbm_bytes"] == aot.chip_for_kind(kind).hbm_bytes
-    assert r["fits"] == (b["total"] + r["resident_bytes"] <= r["hbm_bytes"])
+    assert r["hbm_bytes"] == aot.chip_for_kind(kind).usable_hbm_bytes
+    assert r["hbm_capacity_bytes"] == aot.chip_for_kind(kind).hbm_bytes
+    assert r["fits"] == (b["total"] + r["resident_bytes"] <= r["hbm_bytes"]) and r["compile_error"] is None
     assert r["flops_per_chip"] > 0 and r["model_flops"] > 0 and r["compile_s"] > 0
     roof = r["roofline"]
     chip = aot.chip_for_kind(kind)
@@ -197,12 +199,28 @@ def test_lora_step_holds_the_base_once_and_trains_only_adapters(full_sft):
 
 def test_fits_follows_the_chip_hbm(monkeypatch):
     r = aot.compile_stage(settings("generate"))
-    assert r["fits"] and r["hbm_bytes"] == 95 * 1024 ** 3
-    small = dataclasses.replace(aot.CHIPS["v5p"], hbm_bytes=r["per_chip_bytes"]["total"] - 1)
+    assert r["fits"] and r["hbm_bytes"] == int(95.74 * 1024 ** 3)
+    small = dataclasses.replace(aot.CHIPS["v5p"], usable_hbm_bytes=r["per_chip_bytes"]["total"] - 1)
     monkeypatch.setitem(aot.CHIPS, "v5p", small)
     r = aot.compile_stage(settings("generate"))
-    assert not r["fits"] and r["hbm_bytes"] == small.hbm_bytes
+    assert not r["fits"] and r["hbm_bytes"] == small.usable_hbm_bytes
     assert "does NOT fit" in aot.format_table(r, settings("generate"))
+
+
+def test_a_step_the_compiler_refuses_is_a_result(capsys):
+    """The TPU compiler refuses a program whose temporaries exceed HBM (f32 logits of
+    1024 x 64 x 65536 = 17 GB on one v5e chip): fits false, its message kept, exit 1.
+    The HBM it says is available is the table's usable figure."""
+    code = aot.main(["--preset", "tiny", "--stage", "pretrain", "--topology", "v5e:1x1", "--mesh", "1,1,1",
+                     "--batch-size", "1024", "--seq-len", "64", "--set", "model.vocab_size=65536"])
+    out = capsys.readouterr().out.strip().splitlines()
+    r = json.loads(out[-1])
+    assert code == 1 and not r["fits"] and r["per_chip_bytes"] is None and r["flops_per_chip"] is None
+    assert r["compile_error"].startswith("RESOURCE_EXHAUSTED")
+    available = float(re.search(r"available HBM \(([\d.]+)G\)", r["compile_error"]).group(1))
+    assert available * 1024 ** 3 == pytest.approx(r["hbm_bytes"], rel=1e-3) and r["hbm_bytes"] < 16 * 1024 ** 3
+    assert r["roofline"]["step_s_lower_bound"] > 0
+    assert any("refused the step" in line for line in out)
 
 
 # ---------------------------------------------------------------------------
