@@ -151,7 +151,7 @@ class AOTSettings:
     topology: str = "v5p:2x2x1"  # GEN:AxB or GEN:AxBxC (chips per axis); see known_topologies()
     num_slices: int = 1  # > 1: multislice, the data axis spans the slices
     mesh: MeshConfig = MeshConfig(data=1, fsdp=-1, tensor=1)  # global; -1 takes the rest
-    batch_size: int = 16  # global, in sequences (rm/dpo: pairs rows; ppo: rollout prompts; generate: prompts)
+    batch_size: int = 16  # global rows (rm/dpo: packed rows of chosen and of rejected; ppo, generate: prompts)
     seq_len: int = 2048  # tokens per row; generate and ppo: prompt + new tokens
     model: ModelConfig = PRESETS["tiny"]
     label: str = "tiny"
