@@ -888,6 +888,9 @@ def main(argv=None) -> int:
     except (HFError, ConfigError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # --out is a file, unwritable, or the disk is full
+        print(f"error: --out {args.out}: {e.strerror}: {e.filename or args.out}", file=sys.stderr)
+        return 2
     print(json.dumps({"out": args.out, "family": family}))
     return 0
 

@@ -438,6 +438,9 @@ def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
     assert "scalar model" in capsys.readouterr().err
     assert hf.main(["export", "--workdir", workdir, "--stage", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "stages in" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")  # --out naming a file: one line, not a FileExistsError traceback
+    assert hf.main(["export", "--workdir", workdir, "--stage", "sft", "--out", str(tmp_path / "a_file")]) == 2
+    assert "error: --out" in capsys.readouterr().err
     # A BPE run tokenizer goes along, loadable by AutoTokenizer with the same ids.
     bpe = train_bpe(["Translate Blume from German to English.", "flower"] * 10, 300)
     bpe.save(os.path.join(workdir, "tokenizer"))
