@@ -29,7 +29,7 @@ from llm_jax.config import ConfigError, apply_overrides, to_dict, validate_all
 class WorkdirError(ConfigError):
     """A workdir that cannot hold this run: not a directory, not writable, in use."""
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy",
+PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "chex", "numpy",
             "tensorflow-datasets", "grain", "tokenizers")
 
 
