@@ -8,9 +8,18 @@ shards it with the same partitioning table the trainer uses over an
 `AbstractMesh` of the requested shape, and prints per-device bytes of params,
 optimizer state and an activation estimate, and whether that fits the given
 per-device memory. Params and optimizer bytes are exact (checked against real
-host-device runs in tests); activations are an estimate (Korthikanti et al.
-2022, "Reducing Activation Recomputation in Large Transformer Models", eq. 1-2,
-adapted for remat and the float32 logits).
+host-device runs in tests); activations are an estimate of what XLA keeps at the
+peak of the backward (`activation_terms`: the residuals the layer scan saves, the
+float32 logits, the all-gathered output matrix and its gradient, one layer's
+recomputation), on the shape of Korthikanti et al. 2022 ("Reducing Activation
+Recomputation in Large Transformer Models", eq. 1-2) with coefficients measured
+with the TPU compiler. benchmarks/PLAN_VS_COMPILER.md compares the total with the
+compiler's per-chip bytes: within 20% on every row there (GPT-2, Llama-3.2-1B,
+Llama-3-8B; remat none/dots/full; fsdp, data x fsdp, fsdp x tensor; 1024 and 4096
+tokens), GPT-2 with remat full over fsdp 4 being the worst (-19%: XLA keeps more
+copies of its small output matrix than the estimate counts). With libtpu installed,
+`--compile TOPOLOGY` also compiles the pretrain step for that slice and judges the
+fit by the compiler's own bytes (`llm_jax.aot`).
 """
 
 from __future__ import annotations
@@ -45,29 +54,65 @@ def sharded_bytes(tree, mesh) -> int:
     return total
 
 
-def activation_bytes(cfg: ModelConfig, mesh, batch_size: int, seq_len: int) -> int:
-    """Estimated activation memory per device for one forward+backward.
+# Bytes XLA keeps per token per layer for the backward pass, in units of d_model
+# compute-dtype values, on Korthikanti et al.'s shape (10 + 24/t x the MLP's width,
+# eq. 1-2): measured with the TPU compiler on GPT-2 and Llama-3.2-1B at 1024 tokens
+# (benchmarks/PLAN_VS_COMPILER.md), then checked on the other rows. remat none keeps
+# ~3.3x the paper's 16-bit count: XLA keeps float32 copies where the model computes
+# in float32 (norms, rotary, the splash kernel's statistics); dots keeps the matmul
+# outputs and what the elementwise ops between them need.
+KEPT_PER_LAYER = {"none": 3.3, "dots": 1.3}
 
-    Per layer, 16-bit, tensor parallelism t without sequence parallelism
-    (Korthikanti et al. eq. 2): s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes; scaled by
-    2 for float32 compute. With remat "full" only each layer's input (s*b*h) is
-    kept, plus one layer's full activations during its recomputation; "dots"
-    keeps the matmul outputs (roughly half). The float32 logits and their
-    gradient add 2 * 4 * b*s*V / t."""
+
+def attention_fused(cfg: ModelConfig, seq_len: int) -> bool:
+    """Whether attention runs in a kernel that never stores the [T, T] scores: the
+    splash kernel ("auto" on TPU, or "splash") or cuDNN, both for T a multiple of 128."""
+    return cfg.attention_impl != "xla" and seq_len % 128 == 0
+
+
+def activation_terms(cfg: ModelConfig, mesh, batch_size: int, seq_len: int) -> dict[str, int]:
+    """Per-device bytes beside params, optimizer state and gradients at the peak of
+    one forward+backward, by what XLA keeps (checked against the TPU compiler's
+    memory analysis in benchmarks/PLAN_VS_COMPILER.md):
+
+      saved   per layer, what the scan keeps from the forward for the backward:
+              remat "full" the layer's input only (the residual stream, s*b*h);
+              "dots"/"none" KEPT_PER_LAYER x Korthikanti's s*b*h*(10 + 24/t*width),
+              + the [T, T] attention scores (5*a*s/(h*t)) when attention is not fused.
+      peak    the larger of the two phases of the backward (they do not overlap):
+              head:  the float32 logits [b, s, V/t] (their gradient overwrites them)
+                     + two compute-dtype copies of the (all-gathered) output matrix
+                     [V/t, h] + its float32 gradient before the reduce-scatter;
+              layer: one layer's recomputed matmul outputs (with remat) + its
+                     all-gathered compute-dtype weights + their float32 gradient.
+    """
     b = batch_size / (mesh.shape["data"] * mesh.shape["fsdp"])
     s, h, a, t = seq_len, cfg.d_model, cfg.num_heads, mesh.shape["tensor"]
-    width = 2 * (4 if cfg.dtype == "float32" else 2) / 4  # 1.0 for 16-bit, 2.0 for f32
-    per_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * width
-    ffn_ratio = cfg.d_ff / (4 * h) * (1.5 if cfg.mlp == "swiglu" else 1.0)
-    per_layer *= (10 + 24 / t * ffn_ratio) / (10 + 24 / t)  # wider MLPs keep more
+    c = np.dtype(cfg.dtype).itemsize  # compute dtype bytes
+    width = cfg.d_ff / (4 * h) * (1.5 if cfg.mlp == "swiglu" else 1.0)  # Korthikanti's MLP is 4h, 2 matmuls
+    korthikanti = s * b * h * (10 + 24 / t * width) * c / 2  # their 16-bit count, per layer
+    scores = 0.0 if attention_fused(cfg, s) else s * b * h * 5 * a * s / (h * t) * c / 2
     if cfg.remat == "full":
-        kept = cfg.num_layers * s * b * h * (2 * width) + per_layer
-    elif cfg.remat == "dots":
-        kept = cfg.num_layers * per_layer * 0.5 + per_layer
+        saved = s * b * h * c
     else:
-        kept = cfg.num_layers * per_layer
-    logits = 2 * 4 * b * s * cfg.vocab_size / t
-    return int(kept + logits)
+        saved = KEPT_PER_LAYER[cfg.remat] * korthikanti + scores
+    # Two compute-dtype copies of the output matrix: the layout of the forward
+    # (h @ W^T) and the transposed one of the backward (dlogits @ W); XLA's buffer
+    # report of a small model shows both live at the peak.
+    head = b * s * cfg.vocab_size / t * 4 + cfg.vocab_size * h / t * (2 * c + 4)
+    qkvo = h * (2 * a + 2 * cfg.kv_heads) * cfg.head_size
+    mlp = h * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
+    # Recomputing a layer brings back its matmul outputs (what "dots" saves); without
+    # remat nothing is recomputed.
+    recomputed = KEPT_PER_LAYER["dots"] * korthikanti + scores if cfg.remat != "none" else 0
+    layer = recomputed + (qkvo + mlp) / t * (c + 4)
+    return {"saved": int(cfg.num_layers * saved), "peak": int(max(head, layer))}
+
+
+def activation_bytes(cfg: ModelConfig, mesh, batch_size: int, seq_len: int) -> int:
+    """Estimated activation memory per device for one forward+backward (see
+    `activation_terms`)."""
+    return sum(activation_terms(cfg, mesh, batch_size, seq_len).values())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +141,17 @@ def plan(cfg: ModelConfig, mesh, batch_size: int, seq_len: int,
                 activations=activation_bytes(cfg, mesh, batch_size, seq_len), param_count=count)
 
 
+def compiled_total(cfg: ModelConfig, sizes, batch_size: int, seq_len: int, topology: str) -> int:
+    """The TPU compiler's per-chip bytes (arguments + outputs + temp - alias) of the
+    pretrain step for the same settings (`llm_jax.aot`; raises ConfigError without
+    libtpu). The estimate is a formula; this is what XLA will allocate."""
+    from llm_jax import aot  # aot imports this module
+    from llm_jax.config import MeshConfig
+    r = aot.compile_stage(aot.AOTSettings(stage="pretrain", topology=topology, mesh=MeshConfig(*sizes),
+                                          batch_size=batch_size, seq_len=seq_len, model=cfg))
+    return r["per_chip_bytes"]["total"]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Per-device memory of a train state on a target mesh.")
     p.add_argument("--preset", default="llama", help="model preset (tiny, gpt2, llama, llama7b, bert)")
@@ -105,6 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
     p.add_argument("--remat", default=None, choices=["none", "full", "dots"])
     p.add_argument("--memory-gib", type=float, default=None, help="per-device memory to check against")
+    p.add_argument("--compile", default=None, metavar="TOPOLOGY",
+                   help="also compile the pretrain step for this TPU slice (e.g. v5p:2x2x1; needs libtpu) "
+                        "and judge the fit by the compiler's bytes instead of the estimate")
     args = p.parse_args(argv)
     try:
         sizes = [int(x) for x in args.mesh.split(",")]
@@ -129,8 +188,17 @@ def main(argv=None) -> int:
     print(f"              gradients {result.gradients / GiB:5.2f} GiB")
     print(f"              activations ~{result.activations / GiB:4.2f} GiB  (estimate)")
     print(f"              total ~{result.total / GiB:8.2f} GiB")
+    total = result.total
+    if args.compile:
+        try:
+            total = compiled_total(cfg, sizes, args.batch_size, args.seq_len, args.compile)
+        except (ConfigError, sharding.MeshError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(f"  compiled for {args.compile} (XLA's memory analysis, one chip): {total / GiB:.2f} GiB; "
+              f"estimate / compiled = {result.total / total:.2f}")
     if args.memory_gib:
-        fits = result.total <= args.memory_gib * GiB
+        fits = total <= args.memory_gib * GiB
         print(f"  {'fits' if fits else 'does NOT fit'} in {args.memory_gib:g} GiB per device"
               + ("" if fits else "; try more fsdp, --remat full, or a smaller batch"))
         return 0 if fits else 1
