@@ -1,6 +1,6 @@
 """The memory planner (`llm_jax.plan`) against the TPU compiler's own per-chip bytes.
 
-    cd /work/main && nohup python -m benchmarks.plan_vs_compiler > /tmp/pvc.log 2>&1 &   # ~20 min on 2 cores
+    cd /work/main && nohup python -m benchmarks.plan_vs_compiler > /tmp/pvc.log 2>&1 &   # ~35 min on 2 busy cores
     python -m benchmarks.plan_vs_compiler --reuse      # planner columns only, compiled bytes from the JSON
     python -m benchmarks.plan_vs_compiler --only gpt2  # rows whose name contains "gpt2"
 

@@ -313,12 +313,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     aot._quiet_libtpu(aot.CHIPS["v5p"], 4)
     run = Runner(args.out, time.time() + 60 * args.minutes, args.report)
-    # Priority: 8B full fine-tuning on v5p, its slice and then its stages (the must-have);
-    # then every other search (smallest slices), then the other stages at their slices.
+    # Priority: 8B full fine-tuning, its smallest v5p and v6e slices, then its other stages
+    # on v5p (the must-have); then every other search (smallest slices); then the other
+    # stages at their slices.
     jobs = [(n, m, g) for n in MODELS for m in MODES for g in LADDER]
-    chosen = {jobs[0]: search(run, *jobs[0])}
+    chosen = {job: search(run, *job) for job in jobs[:2]}
     stages_at(run, jobs[0], chosen[jobs[0]])
-    chosen.update({job: search(run, *job) for job in jobs[1:]})
+    chosen.update({job: search(run, *job) for job in jobs[2:]})
     for job in jobs[1:]:
         stages_at(run, job, chosen[job])
     # Last: a stage that does not fit where sft does (ppo holds two trained models and two

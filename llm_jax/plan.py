@@ -14,10 +14,12 @@ float32 logits, the all-gathered output matrix and its gradient, one layer's
 recomputation), on the shape of Korthikanti et al. 2022 ("Reducing Activation
 Recomputation in Large Transformer Models", eq. 1-2) with coefficients measured
 with the TPU compiler. benchmarks/PLAN_VS_COMPILER.md compares the total with the
-compiler's per-chip bytes: within 20% on every row there (GPT-2, Llama-3.2-1B,
-Llama-3-8B; remat none/dots/full; fsdp, data x fsdp, fsdp x tensor; 1024 and 4096
-tokens), GPT-2 with remat full over fsdp 4 being the worst (-19%: XLA keeps more
-copies of its small output matrix than the estimate counts). With libtpu installed,
+compiler's per-chip bytes: within 20% on all 14 rows there (GPT-2, Llama-3.2-1B,
+Llama-3-8B's layer at 4 layers; remat none/dots/full; fsdp, data x fsdp, fsdp x
+tensor; 1024 and 4096 tokens; pretrain and sft), between -19% (GPT-2, remat full,
+fsdp 4: XLA keeps more than the estimate's copies of its small output matrix while
+memory is plentiful) and +13%. Before these terms the estimate was off by up to
++193% (remat dots at 4096 tokens: the [T, T] scores the splash kernel never stores). With libtpu installed,
 `--compile TOPOLOGY` also compiles the pretrain step for that slice and judges the
 fit by the compiler's own bytes (`llm_jax.aot`).
 """
@@ -82,7 +84,8 @@ def activation_terms(cfg: ModelConfig, mesh, batch_size: int, seq_len: int) -> d
       peak    the larger of the two phases of the backward (they do not overlap):
               head:  the float32 logits [b, s, V/t] (their gradient overwrites them)
                      + two compute-dtype copies of the (all-gathered) output matrix
-                     [V/t, h] + its float32 gradient before the reduce-scatter;
+                     [V/t, h] + its float32 gradient before the reduce-scatter
+                     (+ the input table's float32 gradient when untied);
               layer: one layer's recomputed matmul outputs (with remat) + its
                      all-gathered compute-dtype weights + their float32 gradient.
     """
@@ -100,6 +103,10 @@ def activation_terms(cfg: ModelConfig, mesh, batch_size: int, seq_len: int) -> d
     # (h @ W^T) and the transposed one of the backward (dlogits @ W); XLA's buffer
     # report of a small model shows both live at the peak.
     head = b * s * cfg.vocab_size / t * 4 + cfg.vocab_size * h / t * (2 * c + 4)
+    if not cfg.tie_embeddings:
+        # The input table's float32 gradient (the lookup's scatter-add into the whole
+        # gathered [V, h] table) is live beside the head's: measured on Llama-3-8B.
+        head += cfg.vocab_size * h / t * 4
     qkvo = h * (2 * a + 2 * cfg.kv_heads) * cfg.head_size
     mlp = h * cfg.d_ff * (3 if cfg.mlp == "swiglu" else 2)
     # Recomputing a layer brings back its matmul outputs (what "dots" saves); without
