@@ -1,24 +1,49 @@
 """Losses for language-model training: pretraining, fine-tuning, preferences, RL.
 
-Conventions shared by every function here:
+Conventions shared by every function here (docs/losses.md has the long form):
 
-* Pure functions on arrays (jax.numpy / jax.nn / jax.lax only), safe under
-    `jax.jit`, `jax.grad` and `jax.vmap`. Shapes: B batch, T time, V vocab.
+* Pure functions on arrays (jax.numpy / jax.nn / jax.lax, argument checks with
+    chex), safe under `jax.jit`, `jax.grad` and `jax.vmap` (over an extra
+    leading axis). No Flax, no config objects. Shapes: B batch, T time,
+    V vocab, C classes.
+* Shapes are checked at trace time: a wrong rank or a mismatch raises chex's
+    AssertionError naming the function and the argument, e.g.
+    "clm_loss: targets must be [B, T] (logits.shape[:2])".
 * Token-level inputs are already aligned: `targets[b, t]` is the token that
-    `logits[b, t]` predicts (see `shift_for_clm`).
-* `weights` are 0/1 (or real) per-token loss weights; 0 marks padding or
-    tokens that carry no loss (e.g. the prompt in SFT).
-* Every loss returns a float32 scalar: the weighted sum of per-token (or
-    per-pair) losses divided by `normalizer` when it is given, else by the
-    weights' sum (the number of pairs for pair losses), see `masked_mean`. The
-    trainer passes the *global* normalizer so that summing the losses (and
-    gradients) of micro-batches or data-parallel shards gives exactly the
-    full-batch value.
-* Reductions and softmaxes run in (at least) float32, even for bf16 inputs.
+    `logits[b, t]` predicts (see `shift_for_clm`). A target < 0 (Hugging
+    Face's -100 "ignore" label, or -1 padding) is ignored everywhere: it counts
+    as weight 0, in the loss and in the default denominator.
+* `weights` are 0/1 (or real, >= 0) loss weights: 0 marks padding, tokens that
+    carry no loss (e.g. the prompt in SFT) or empty pair slots.
+* Every loss returns the weighted sum of its per-element losses l (per token,
+    pair or sequence) divided by a denominator D:
+
+        L = sum_i w_i l_i / D,   D = normalizer          if given (0 -> 1)
+                                 = sum_i w_i             otherwise (0 -> 1)
+
+    (pair losses without `weights`: w_i = 1, so D = B.) A trainer passes the
+    *global* normalizer (e.g. the weight sum of the whole batch) so that summing
+    the losses, and gradients, of micro-batches or data-parallel shards gives
+    exactly the full-batch value. A zero denominator (an all-padding shard, with
+    or without an explicit normalizer) is replaced by 1, so the loss is 0 with a
+    zero gradient, never NaN.
+* `reduction` (keyword-only, every loss): "mean" (default) returns the scalar L
+    above; "per_example" returns [B], each example's (row's or pair's) share
+    sum_{i in b} w_i l_i / D over the same D, so that
+    `loss(..., reduction="per_example").sum() == loss(...)`. Multiply by D and
+    divide by the row's own weight sum for that row's own mean.
+* Options (normalizer, reduction, beta, kl_coef, margin, clip_eps, ...) are
+    keyword-only; arrays are positional. See `LOSSES` for each entry's arrays.
+* Reductions and softmaxes run in (at least) float32, even for bf16 inputs: the
+    result is float32 for bf16/f16/f32 inputs, float64 when float64 arrays are
+    given with `jax_enable_x64` on (Python-number options never widen it).
 """
 
+import chex
 import jax
 import jax.numpy as jnp
+
+REDUCTIONS = ("mean", "per_example")
 
 
 def _float(x):
@@ -27,35 +52,104 @@ def _float(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def masked_mean(values, weights=None, normalizer=None):
+def _static_value(x):
+    """float(x) if `x` is known at trace time (a Python or numpy number, a concrete
+    JAX scalar), else None (a value traced by jit/grad/vmap, or not a scalar)."""
+    try:
+        return float(x)
+    except TypeError:  # includes jax.errors.ConcretizationTypeError
+        return None
+
+
+def _check_reduction(fn, reduction):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction={reduction!r}; expected 'mean' or 'per_example'")
+
+
+def _check_range(fn, name, value, low, high, high_open=True):
+    """A ValueError at trace time when a known scalar option lies outside its range."""
+    v = _static_value(value)
+    if v is None:
+        return
+    above = v >= high if high_open else v > high
+    if not (v >= low) or above:  # `not >=` also catches NaN
+        bracket = ")" if high_open else "]"
+        raise ValueError(f"{fn}: {name}={value} must lie in [{low}, {high}{bracket}")
+
+
+def _check_positive(fn, name, value):
+    v = _static_value(value)
+    if v is not None and not v > 0:
+        raise ValueError(f"{fn}: {name}={value} must be positive")
+
+
+def _check_token_inputs(fn, logits, targets, weights=None):
+    """logits [B, T, V], targets [B, T], weights [B, T]."""
+    chex.assert_rank(logits, 3, custom_message=f"{fn}: logits must be [B, T, V]")
+    chex.assert_shape(targets, logits.shape[:2],
+                      custom_message=f"{fn}: targets must be [B, T] (logits.shape[:2])")
+    if weights is not None:
+        chex.assert_shape(weights, logits.shape[:2],
+                          custom_message=f"{fn}: weights must be [B, T], the shape of targets")
+
+
+def _check_same(fn, rank, shape_doc, **arrays):
+    """Every array has rank `rank` and the shape of the first one."""
+    (first_name, first), *rest = [(k, v) for k, v in arrays.items() if v is not None]
+    chex.assert_rank(first, rank, custom_message=f"{fn}: {first_name} must be {shape_doc}")
+    for name, x in rest:
+        chex.assert_shape(x, first.shape,
+                          custom_message=f"{fn}: {name} must be {shape_doc}, the shape of {first_name}")
+
+
+def _valid_weights(weights, targets):
+    """`weights` with every position whose target is < 0 (ignore label) set to 0."""
+    return jnp.where(jnp.asarray(targets) >= 0, _float(weights), 0.0)
+
+
+def masked_mean(values, weights=None, normalizer=None, *, reduction="mean"):
     """Weighted sum divided by `normalizer`, or by the weights' sum.
 
         masked_mean = sum(w * values) / normalizer    if normalizer is given
                     = sum(w * values) / sum(w)        otherwise
 
-    An all-zero `weights` (e.g. a micro-batch that is all padding) would give
-    0 / 0; the default denominator is then replaced by 1 (with `jnp.where`, so
-    real weights summing to less than 1 are still divided exactly), which gives
-    a loss of 0 and a zero gradient instead of NaN.
+    A zero denominator would give 0 / 0 (NaN) on a micro-batch or shard that is
+    all padding: an all-zero `weights` with the default denominator, or an
+    explicit `normalizer` of 0 (e.g. a caller's own weight sum). Either is
+    replaced by 1 (with `jnp.where`, so real weights summing to less than 1 are
+    still divided exactly), which gives 0 and a zero gradient instead of NaN.
+    A zero normalizer with non-zero weights is a caller's error; it gives the
+    plain weighted sum.
 
     Args:
-        values: [...] per-element values.
-        weights: [...] weights of the same shape, or None for all ones (then the
+        values: [B, ...] per-element values.
+        weights: [B, ...] weights of the same shape, or None for all ones (then the
             default denominator is the number of elements).
         normalizer: optional scalar denominator, e.g. the global weight sum.
+        reduction: "mean" (a scalar) or "per_example" ([B]: the sum over each
+            example's elements, divided by the same denominator).
 
     Returns:
-        A float32 scalar.
+        A scalar, or [B] for reduction="per_example"; float32 (float64 for
+        float64 inputs under jax_enable_x64).
     """
+    _check_reduction("masked_mean", reduction)
     values = _float(values)
     weights = jnp.ones_like(values) if weights is None else _float(weights)
-    total = jnp.sum(weights * values)
+    weighted = weights * values
     if normalizer is None:
         denominator = jnp.sum(weights)
         denominator = jnp.where(denominator > 0, denominator, 1.0)
     else:
         denominator = _float(normalizer)
-    return total / denominator
+        chex.assert_rank(denominator, 0, custom_message="masked_mean: normalizer must be a scalar")
+        denominator = jnp.where(denominator != 0, denominator, 1.0)
+    denominator = denominator.astype(weighted.dtype)  # a Python normalizer never widens
+    if reduction == "per_example":
+        if weighted.ndim == 0:
+            raise ValueError("masked_mean: reduction='per_example' needs values [B, ...], got a scalar")
+        return jnp.sum(weighted, axis=tuple(range(1, weighted.ndim))) / denominator
+    return jnp.sum(weighted) / denominator
 
 
 # ---------------------------------------------------------------------------
@@ -104,27 +198,35 @@ def token_logprobs(logits, targets):
     buffer, while the one-hot form fuses into the log-softmax's elementwise
     pass forwards and backwards (on CPU this saved a 64 MiB memset + scatter per
     step of the benchmark model; TPU/GPU code uses one-hot for the same reason).
-    A side effect: a target outside [0, V) (e.g. -1 padding) gives log-prob 0,
-    not a wrapped index or NaN, so padding at weight 0 is harmless.
+    A side effect: a target outside [0, V) (e.g. -100 or -1 padding) gives
+    log-prob 0, not a wrapped index or NaN. The losses go further and give a
+    target < 0 weight 0 (see the module docstring).
 
     Args:
-        logits: [B, T, V] unnormalized log-probabilities (any float dtype).
-        targets: [B, T] int token ids in [0, V).
+        logits: [B, T, V] unnormalized log-probabilities (any float dtype); any
+            leading shape [..., V] works, e.g. class logits [B, C].
+        targets: [B, T] int token ids in [0, V): `logits.shape[:-1]`.
 
     Returns:
-        [B, T] float32 log-probabilities.
+        [B, T] log-probabilities, float32 (float64 for float64 logits under
+        jax_enable_x64).
     """
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    chex.assert_shape(targets, logits.shape[:-1],
+                      custom_message="token_logprobs: targets must be logits.shape[:-1], e.g. [B, T] "
+                                     "for logits [B, T, V]")
     log_probs = jax.nn.log_softmax(_float(logits), axis=-1)
     # A select, not a multiply by the one-hot: -inf log-probs (masked vocab
     # entries) would give -inf * 0 = NaN.
-    hit = jnp.asarray(targets)[..., None] == jnp.arange(log_probs.shape[-1])
+    hit = targets[..., None] == jnp.arange(log_probs.shape[-1])
     return jnp.sum(jnp.where(hit, log_probs, 0.0), axis=-1)
 
 
 def sequence_logprobs(logits, targets, weights):
     """Log-probability of each sequence: sum_t w_t * log p(y_t).
 
-    Used for preference losses, e.g. the inputs of `dpo_loss`.
+    Used for preference losses, e.g. the inputs of `dpo_loss`. Positions whose
+    target is < 0 count as weight 0.
 
     Args:
         logits: [B, T, V] logits.
@@ -132,30 +234,71 @@ def sequence_logprobs(logits, targets, weights):
         weights: [B, T] weights (1 on the tokens that belong to the sequence).
 
     Returns:
-        [B] float32 sequence log-probabilities.
+        [B] sequence log-probabilities, float32 (float64 under x64 for float64
+        inputs).
     """
-    return jnp.sum(_float(weights) * token_logprobs(logits, targets), axis=-1)
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_token_inputs("sequence_logprobs", logits, targets, jnp.asarray(weights))
+    weights = _valid_weights(weights, targets)
+    return jnp.sum(weights * token_logprobs(logits, targets), axis=-1)
 
 
-def clm_loss(logits, targets, weights, normalizer=None):
+def sequence_mean_logprobs(logits, targets, weights):
+    """Per-token mean log-probability of each sequence (length-normalized).
+
+        mean_b = sum_t w_{b,t} log p(y_{b,t}) / sum_t w_{b,t}     (0 for an empty row)
+
+    The inputs `ipo_loss` expects (TRL's IPO convention). Positions whose
+    target is < 0 count as weight 0.
+
+    Args:
+        logits: [B, T, V] logits.
+        targets: [B, T] token ids.
+        weights: [B, T] weights (1 on the tokens that belong to the sequence).
+
+    Returns:
+        [B] mean log-probabilities, float32 (float64 under x64 for float64
+        inputs).
+    """
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_token_inputs("sequence_mean_logprobs", logits, targets, jnp.asarray(weights))
+    weights = _valid_weights(weights, targets)
+    total = jnp.sum(weights * token_logprobs(logits, targets), axis=-1)
+    count = jnp.sum(weights, axis=-1)
+    return total / jnp.where(count > 0, count, 1.0).astype(total.dtype)
+
+
+def clm_loss(logits, targets, weights, *, normalizer=None, reduction="mean"):
     """Causal language-modelling (next-token) cross-entropy.
 
-        L = -sum_{b,t} w_{b,t} log p(y_{b,t}) / normalizer   (default sum(w))
+        L = -sum_{b,t} w_{b,t} log p(y_{b,t}) / D,   D = normalizer or sum_{b,t} w_{b,t}
+
+    with w = 0 wherever the target is < 0. The same as the weighted mean of
+    `optax.softmax_cross_entropy_with_integer_labels(logits, targets)`, and as
+    PyTorch/Hugging Face cross-entropy with `ignore_index=-100` when the weights
+    are all 1.
 
     Args:
         logits: [B, T, V] logits.
         targets: [B, T] next tokens, aligned with `logits` (see `shift_for_clm`).
         weights: [B, T] token weights (0 at padding).
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Radford et al., `Improving Language Understanding by Generative
         Pre-Training <https://openai.com/research/language-unsupervised>`_, 2018
     """
-    return -masked_mean(token_logprobs(logits, targets), weights, normalizer)
+    _check_reduction("clm_loss", reduction)
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_token_inputs("clm_loss", logits, targets, jnp.asarray(weights))
+    weights = _valid_weights(weights, targets)
+    return -masked_mean(token_logprobs(logits, targets), weights, normalizer, reduction=reduction)
 
 
 def mlm_mask(rng, tokens, *, mask_id, vocab_size, mask_prob=0.15, can_mask=None):
@@ -186,6 +329,10 @@ def mlm_mask(rng, tokens, *, mask_id, vocab_size, mask_prob=0.15, can_mask=None)
         Language Understanding <https://arxiv.org/abs/1810.04805>`_, 2019
     """
     tokens = jnp.asarray(tokens)
+    chex.assert_rank(tokens, 2, custom_message="mlm_mask: tokens must be [B, T]")
+    if can_mask is not None:
+        chex.assert_shape(can_mask, tokens.shape,
+                          custom_message="mlm_mask: can_mask must be [B, T], the shape of tokens")
     choose_key, action_key, random_key = jax.random.split(rng, 3)
     chosen = jax.random.bernoulli(choose_key, mask_prob, tokens.shape)
     if can_mask is not None:
@@ -203,25 +350,35 @@ def mlm_mask(rng, tokens, *, mask_id, vocab_size, mask_prob=0.15, can_mask=None)
     return inputs, tokens, chosen.astype(jnp.float32)
 
 
-def mlm_loss(logits, targets, weights, normalizer=None):
+def mlm_loss(logits, targets, weights, *, normalizer=None, reduction="mean"):
     """Masked language-modelling cross-entropy over the chosen positions.
 
-        L = -sum_{b,t} w_{b,t} log p(y_{b,t}) / normalizer   (default sum(w))
+        L = -sum_{b,t} w_{b,t} log p(y_{b,t}) / D,   D = normalizer or sum_{b,t} w_{b,t}
+
+    with w = 0 wherever the target is < 0 (Hugging Face's MLM collator labels
+    the unchosen positions -100; with it, weights may be all ones).
 
     Args:
         logits: [B, T, V] logits at every position.
         targets: [B, T] original tokens (from `mlm_mask`).
         weights: [B, T] 1 at the masked (chosen) positions, else 0.
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Devlin et al., `BERT: Pre-training of Deep Bidirectional Transformers for
         Language Understanding <https://arxiv.org/abs/1810.04805>`_, 2019
     """
-    return -masked_mean(token_logprobs(logits, targets), weights, normalizer)
+    _check_reduction("mlm_loss", reduction)
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_token_inputs("mlm_loss", logits, targets, jnp.asarray(weights))
+    weights = _valid_weights(weights, targets)
+    return -masked_mean(token_logprobs(logits, targets), weights, normalizer, reduction=reduction)
 
 
 def token_kl(logits, ref_logits):
@@ -231,50 +388,72 @@ def token_kl(logits, ref_logits):
         p = softmax(logits), q = softmax(ref_logits)
 
     Args:
-        logits: [B, T, V] logits of pi.
-        ref_logits: [B, T, V] logits of pi_ref.
+        logits: [B, T, V] logits of pi (any leading shape [..., V]).
+        ref_logits: [B, T, V] logits of pi_ref, the shape of `logits`.
 
     Returns:
-        [B, T] float32 KL divergences (>= 0).
+        [B, T] KL divergences (>= 0), float32 (float64 under x64 for float64
+        inputs).
     """
+    logits, ref_logits = jnp.asarray(logits), jnp.asarray(ref_logits)
+    chex.assert_shape(ref_logits, logits.shape,
+                      custom_message="token_kl: ref_logits must have the shape of logits")
     log_p = jax.nn.log_softmax(_float(logits), axis=-1)
     log_q = jax.nn.log_softmax(_float(ref_logits), axis=-1)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
 
 
-def sft_loss(logits, targets, weights, ref_logits=None, kl_coef=0.0, normalizer=None):
+def sft_loss(logits, targets, weights, ref_logits=None, *, kl_coef=0.0, normalizer=None,
+             reduction="mean"):
     """Supervised fine-tuning loss: completion-only cross-entropy (+ KL).
 
-        L = sum_{b,t} w_{b,t} [-log p(y_{b,t}) + kl_coef * KL(pi_t || pi_ref_t)]
-            / normalizer                                         (default sum(w))
+        L = sum_{b,t} w_{b,t} [-log p(y_{b,t}) + kl_coef KL(pi_{b,t} || pi_ref_{b,t})] / D,
+        D = normalizer or sum_{b,t} w_{b,t}
 
-    `weights` select the completion tokens (0 on prompt and padding). The KL
-    term (see `token_kl`) keeps the model close to a frozen reference; it is
-    only added when `ref_logits` is given, and gradients never flow into
-    `ref_logits`.
+    with w = 0 wherever the target is < 0. `weights` select the completion
+    tokens (0 on prompt and padding). The KL term (see `token_kl`) keeps the
+    model close to a frozen reference; it is only added when `ref_logits` is
+    given, and gradients never flow into `ref_logits`.
 
     Args:
         logits: [B, T, V] policy logits.
         targets: [B, T] next tokens.
         weights: [B, T] 1 on completion tokens, else 0.
         ref_logits: optional [B, T, V] logits of the reference model.
-        kl_coef: KL coefficient; must be 0 when `ref_logits` is None.
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        kl_coef: KL coefficient. Without `ref_logits` it must be 0: a known
+            non-zero value (Python, numpy or concrete JAX scalar) raises
+            ValueError, and so does a traced one, which cannot be checked.
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Ouyang et al., `Training language models to follow instructions with human
         feedback <https://arxiv.org/abs/2203.02155>`_, 2022
     """
+    _check_reduction("sft_loss", reduction)
+    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
+    _check_token_inputs("sft_loss", logits, targets, jnp.asarray(weights))
+    weights = _valid_weights(weights, targets)
     per_token = -token_logprobs(logits, targets)
     if ref_logits is not None:
+        chex.assert_shape(ref_logits, logits.shape,
+                          custom_message="sft_loss: ref_logits must be [B, T, V], the shape of logits")
         kl = token_kl(logits, jax.lax.stop_gradient(ref_logits))
         per_token = per_token + kl_coef * kl
-    elif isinstance(kl_coef, (int, float)) and kl_coef != 0:
-        raise ValueError("sft_loss: kl_coef != 0 needs ref_logits.")
-    return masked_mean(per_token, weights, normalizer)
+    else:
+        value = _static_value(kl_coef)
+        if value is None:
+            raise ValueError("sft_loss: kl_coef is a traced value, so it cannot be checked to be 0 "
+                             "without ref_logits; pass ref_logits, or leave kl_coef at 0")
+        if value != 0:
+            raise ValueError(f"sft_loss: kl_coef={kl_coef} needs ref_logits (without them the KL "
+                             "term would be dropped)")
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -282,25 +461,31 @@ def sft_loss(logits, targets, weights, ref_logits=None, kl_coef=0.0, normalizer=
 # ---------------------------------------------------------------------------
 
 
-def reward_model_loss(chosen_rewards, rejected_rewards, margin=None, normalizer=None, weights=None):
+def reward_model_loss(chosen_rewards, rejected_rewards, *, margin=None, weights=None,
+                      normalizer=None, reduction="mean"):
     """Bradley-Terry reward-model loss on preference pairs.
 
-        L = -sum_i log sigmoid(r+_i - r-_i - m_i) / normalizer   (default B)
+        L = -sum_i w_i log sigmoid(r+_i - r-_i - m_i) / D,
+        D = normalizer or sum_i w_i (B without weights)
 
     `jax.nn.log_sigmoid` avoids the overflow of log(sigmoid(x)) for large |x|.
+    TRL's RewardTrainer loss (with its optional "margin" column; its
+    `center_rewards_coefficient` term is not included).
 
     Args:
         chosen_rewards: [B] rewards of the preferred responses.
         rejected_rewards: [B] rewards of the rejected responses.
         margin: optional scalar or [B] margin m the preferred reward must exceed
             the rejected one by (e.g. from preference strength, as in Llama 2).
-        normalizer: optional scalar denominator; default the number of pairs
-            (the weights' sum when `weights` is given).
-        weights: optional [B] pair weights, e.g. 0 for the empty slots of a
-            packed batch.
+        weights: optional [B] pair weights w, e.g. 0 for the empty slots of a
+            packed batch; default all ones.
+        normalizer: optional scalar denominator D.
+        reduction: "mean" (the scalar L) or "per_example" ([B], each pair's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Ouyang et al., `Training language models to follow instructions with human
@@ -308,23 +493,32 @@ def reward_model_loss(chosen_rewards, rejected_rewards, margin=None, normalizer=
         Touvron et al., `Llama 2: Open Foundation and Fine-Tuned Chat Models
         <https://arxiv.org/abs/2307.09288>`_, 2023 (margin)
     """
-    margin = 0.0 if margin is None else _float(margin)
-    per_pair = -jax.nn.log_sigmoid(
-        _float(chosen_rewards) - _float(rejected_rewards) - margin
-    )
-    return masked_mean(per_pair, weights, normalizer)
+    _check_reduction("reward_model_loss", reduction)
+    chosen, rejected = _float(chosen_rewards), _float(rejected_rewards)
+    _check_same("reward_model_loss", 1, "[B]", chosen_rewards=chosen, rejected_rewards=rejected,
+                weights=None if weights is None else jnp.asarray(weights))
+    diff = chosen - rejected
+    if margin is not None:
+        margin = _float(margin)
+        if margin.ndim:
+            chex.assert_shape(margin, diff.shape,
+                              custom_message="reward_model_loss: margin must be a scalar or [B]")
+        diff = diff - margin.astype(diff.dtype)
+    return masked_mean(-jax.nn.log_sigmoid(diff), weights, normalizer, reduction=reduction)
 
 
-def _preference_logit(
-    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-):
+def _preference_logit(fn, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+                      ref_rejected_logps, weights):
     """h = (pc - pr) - (rc - rr): the policy's log-ratio gain over the reference.
 
     The reference model is frozen, so no gradient flows into its log-probs.
     """
-    policy_margin = _float(policy_chosen_logps) - _float(policy_rejected_logps)
-    ref_margin = _float(ref_chosen_logps) - _float(ref_rejected_logps)
-    return policy_margin - jax.lax.stop_gradient(ref_margin)
+    pc, pr, rc, rr = (_float(x) for x in (policy_chosen_logps, policy_rejected_logps,
+                                          ref_chosen_logps, ref_rejected_logps))
+    _check_same(fn, 1, "[B]", policy_chosen_logps=pc, policy_rejected_logps=pr,
+                ref_chosen_logps=rc, ref_rejected_logps=rr,
+                weights=None if weights is None else jnp.asarray(weights))
+    return (pc - pr) - jax.lax.stop_gradient(rc - rr)
 
 
 def dpo_loss(
@@ -335,17 +529,26 @@ def dpo_loss(
     *,
     beta=0.1,
     label_smoothing=0.0,
-    normalizer=None,
     weights=None,
+    normalizer=None,
+    reduction="mean",
 ):
-    """Direct Preference Optimization (sigmoid) loss, with cDPO smoothing.
+    """Direct Preference Optimization (sigmoid) loss, with cDPO label smoothing.
 
-        h = (log pi(y+) - log pi(y-)) - (log pi_ref(y+) - log pi_ref(y-))
-        L = sum_i [-(1 - ls) log sigmoid(beta h_i) - ls log sigmoid(-beta h_i)]
-            / normalizer                                         (default B)
+        h_i = (log pi(y+_i) - log pi(y-_i)) - (log pi_ref(y+_i) - log pi_ref(y-_i))
+        L = sum_i w_i [-(1 - ls) log sigmoid(beta h_i) - ls log sigmoid(-beta h_i)] / D,
+        D = normalizer or sum_i w_i (B without weights)
 
-    `ls` (label_smoothing) is the assumed probability that a preference label
-    is flipped (conservative DPO); ls = 0 is plain DPO.
+    The log-probs are summed over each response's tokens (`sequence_logprobs`),
+    as in the paper and TRL.
+
+    `ls` (label_smoothing) is conservative DPO (cDPO, Mitchell 2023): the
+    assumed probability that a preference label is flipped; ls = 0 is plain DPO.
+    In TRL this is `DPOTrainer(loss_type="sigmoid", label_smoothing=ls)` up to
+    TRL 0.28 only: from TRL 0.29 on, "sigmoid" ignores label_smoothing, and
+    TRL's `loss_type="robust"` is a different loss (rDPO, Chowdhury et al. 2024:
+    ((1 - ls) l(h) - ls l(-h)) / (1 - 2 ls), an unbiased estimate of the clean
+    loss), which this function does not compute.
 
     Args:
         policy_chosen_logps: [B] sequence log-probs of y+ under the policy (see
@@ -353,14 +556,18 @@ def dpo_loss(
         policy_rejected_logps: [B] same for y-.
         ref_chosen_logps: [B] sequence log-probs of y+ under the frozen reference.
         ref_rejected_logps: [B] same for y-.
-        beta: inverse temperature: strength of the implicit KL constraint.
-        label_smoothing: cDPO label-noise rate in [0, 0.5).
-        normalizer: optional scalar denominator; default the number of pairs
-            (the weights' sum when `weights` is given).
-        weights: optional [B] pair weights (0 for padding pairs).
+        beta: inverse temperature (> 0): strength of the implicit KL constraint.
+        label_smoothing: cDPO label-noise rate in [0, 0.5). A value known at
+            trace time (Python or numpy number) outside the range raises
+            ValueError; a traced value is not checked.
+        weights: optional [B] pair weights w (0 for padding pairs).
+        normalizer: optional scalar denominator D.
+        reduction: "mean" (the scalar L) or "per_example" ([B], each pair's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Rafailov et al., `Direct Preference Optimization: Your Language Model is
@@ -368,14 +575,16 @@ def dpo_loss(
         Mitchell, `A note on DPO with noisy preferences & relationship to IPO
         <https://ericmitchell.ai/cdpo.pdf>`_, 2023
     """
-    h = _preference_logit(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
+    _check_reduction("dpo_loss", reduction)
+    _check_positive("dpo_loss", "beta", beta)
+    _check_range("dpo_loss", "label_smoothing", label_smoothing, 0.0, 0.5)
+    h = _preference_logit("dpo_loss", policy_chosen_logps, policy_rejected_logps,
+                          ref_chosen_logps, ref_rejected_logps, weights)
     per_pair = (
         -(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h)
         - label_smoothing * jax.nn.log_sigmoid(-beta * h)
     )
-    return masked_mean(per_pair, weights, normalizer)
+    return masked_mean(per_pair, weights, normalizer, reduction=reduction)
 
 
 def ipo_loss(
@@ -385,38 +594,55 @@ def ipo_loss(
     ref_rejected_logps,
     *,
     beta=0.1,
-    normalizer=None,
     weights=None,
+    normalizer=None,
+    reduction="mean",
 ):
-    """Identity Preference Optimization loss.
+    """Identity Preference Optimization loss, on length-normalized log-probs.
 
-        h = (log pi(y+) - log pi(y-)) - (log pi_ref(y+) - log pi_ref(y-))
-        L = sum_i (h_i - 1 / (2 beta))^2 / normalizer        (default B)
+        h_i = (lp(y+_i) - lp(y-_i)) - (lp_ref(y+_i) - lp_ref(y-_i))
+        L = sum_i w_i (h_i - 1 / (2 beta))^2 / D,   D = normalizer or sum_i w_i (B without weights)
 
     Regresses h to a finite target instead of pushing it to infinity, which
     keeps the policy regularized even for deterministic preferences.
 
+    Convention: lp(y) is the *per-token mean* log-prob of response y (its summed
+    log-prob divided by its own token count, `sequence_mean_logprobs`), not the
+    sum that `dpo_loss` takes. Azar et al. define h with the probabilities of
+    whole responses, pi(y|x), and regress it to 1/(2 tau) (their eq. 17; tau is
+    beta here). Taken literally with summed log-probs, h grows with the
+    responses' length while the target 1/(2 beta) does not, so the same beta
+    regularizes long and short responses differently. The authors advised
+    averaging over tokens, and TRL's `DPOTrainer(loss_type="ipo")` does so since
+    v0.7.11 (PR #1265): the same h as here, in nats per token. The formula is
+    applied to whatever is passed; summed log-probs give the paper's literal,
+    length-dependent form.
+
     Args:
-        policy_chosen_logps: [B] sequence log-probs of y+ under the policy.
+        policy_chosen_logps: [B] per-token mean log-probs of y+ under the policy.
         policy_rejected_logps: [B] same for y-.
-        ref_chosen_logps: [B] sequence log-probs of y+ under the frozen reference.
+        ref_chosen_logps: [B] per-token mean log-probs of y+ under the frozen
+            reference.
         ref_rejected_logps: [B] same for y-.
-        beta: regularization strength (the target of h is 1 / (2 beta)).
-        normalizer: optional scalar denominator; default the number of pairs
-            (the weights' sum when `weights` is given).
-        weights: optional [B] pair weights (0 for padding pairs).
+        beta: regularization strength tau (> 0); the target of h is 1 / (2 beta).
+        weights: optional [B] pair weights w (0 for padding pairs).
+        normalizer: optional scalar denominator D.
+        reduction: "mean" (the scalar L) or "per_example" ([B], each pair's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Azar et al., `A General Theoretical Paradigm to Understand Learning from
         Human Preferences <https://arxiv.org/abs/2310.12036>`_, 2023
     """
-    h = _preference_logit(
-        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
-    )
-    return masked_mean((h - 1.0 / (2.0 * beta)) ** 2, weights, normalizer)
+    _check_reduction("ipo_loss", reduction)
+    _check_positive("ipo_loss", "beta", beta)
+    h = _preference_logit("ipo_loss", policy_chosen_logps, policy_rejected_logps,
+                          ref_chosen_logps, ref_rejected_logps, weights)
+    return masked_mean((h - 1.0 / (2.0 * beta)) ** 2, weights, normalizer, reduction=reduction)
 
 
 # ---------------------------------------------------------------------------
@@ -424,14 +650,18 @@ def ipo_loss(
 # ---------------------------------------------------------------------------
 
 
+def _check_rollout(fn, **arrays):
+    _check_same(fn, 2, "[B, T]", **{k: jnp.asarray(v) for k, v in arrays.items()})
+
+
 def ppo_policy_loss(
-    logprobs, old_logprobs, advantages, weights, *, clip_eps=0.2, normalizer=None
+    logprobs, old_logprobs, advantages, weights, *, clip_eps=0.2, normalizer=None, reduction="mean"
 ):
     """PPO clipped-surrogate policy loss.
 
-        r = exp(log pi(a) - log pi_old(a))
-        L = -sum_{b,t} w min(r A, clip(r, 1 - eps, 1 + eps) A) / normalizer
-                                                             (default sum(w))
+        r_{b,t} = exp(log pi(a_{b,t}) - log pi_old(a_{b,t}))
+        L = -sum_{b,t} w_{b,t} min(r A, clip(r, 1 - eps, 1 + eps) A)_{b,t} / D,
+        D = normalizer or sum_{b,t} w_{b,t}
 
     `old_logprobs` and `advantages` come from the rollout and are constants:
     no gradient flows into them.
@@ -442,15 +672,21 @@ def ppo_policy_loss(
         advantages: [B, T] advantage estimates (e.g. from `gae`).
         weights: [B, T] token weights (0 at prompt and padding).
         clip_eps: clipping range eps of the probability ratio.
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Schulman et al., `Proximal Policy Optimization Algorithms
         <https://arxiv.org/abs/1707.06347>`_, 2017
     """
+    _check_reduction("ppo_policy_loss", reduction)
+    _check_rollout("ppo_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs,
+                   advantages=advantages, weights=weights)
     old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
     advantages = jax.lax.stop_gradient(_float(advantages))
     ratio = jnp.exp(_float(logprobs) - old_logprobs)
@@ -458,13 +694,13 @@ def ppo_policy_loss(
     # The pessimistic (smaller) objective removes any gain from moving the
     # ratio outside [1 - eps, 1 + eps] in the direction the advantage favors.
     per_token = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
-    return masked_mean(per_token, weights, normalizer)
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
 
 
 def ppo_clip_fraction(logprobs, old_logprobs, weights, *, clip_eps, normalizer=None):
     """Weighted fraction of tokens whose ratio lies outside [1 - eps, 1 + eps].
 
-        sum_{b,t} w [|r - 1| > eps] / normalizer    (default sum(w))
+        sum_{b,t} w_{b,t} [|r_{b,t} - 1| > eps] / D,   D = normalizer or sum_{b,t} w_{b,t}
 
     For logging only (no gradient).
 
@@ -473,24 +709,26 @@ def ppo_clip_fraction(logprobs, old_logprobs, weights, *, clip_eps, normalizer=N
         old_logprobs: [B, T] log-probs under the rollout policy.
         weights: [B, T] token weights.
         clip_eps: clipping range eps, as in `ppo_policy_loss`.
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
 
     Returns:
-        A float32 scalar in [0, 1] (with the default normalizer).
+        A scalar in [0, 1] (with the default normalizer), float32 (float64 under
+        x64 for float64 inputs).
     """
+    _check_rollout("ppo_clip_fraction", logprobs=logprobs, old_logprobs=old_logprobs, weights=weights)
     ratio = jnp.exp(_float(logprobs) - _float(old_logprobs))
     clipped = jnp.abs(ratio - 1.0) > clip_eps
     return jax.lax.stop_gradient(masked_mean(clipped, weights, normalizer))
 
 
 def ppo_value_loss(
-    values, old_values, returns, weights, *, clip_eps=0.2, normalizer=None
+    values, old_values, returns, weights, *, clip_eps=0.2, normalizer=None, reduction="mean"
 ):
     """PPO clipped value loss.
 
         v_clip = v_old + clip(v - v_old, -eps, eps)
-        L = sum_{b,t} w 0.5 max((v - R)^2, (v_clip - R)^2) / normalizer
-                                                             (default sum(w))
+        L = sum_{b,t} w_{b,t} 0.5 max((v - R)^2, (v_clip - R)^2)_{b,t} / D,
+        D = normalizer or sum_{b,t} w_{b,t}
 
     `old_values` and `returns` come from the rollout and are constants.
 
@@ -500,16 +738,22 @@ def ppo_value_loss(
         returns: [B, T] value targets (e.g. from `gae`).
         weights: [B, T] token weights.
         clip_eps: clipping range of the value update.
-        normalizer: optional scalar denominator (e.g. the global weight sum).
+        normalizer: optional scalar denominator D (e.g. the global weight sum).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
 
     References:
         Schulman et al., `Proximal Policy Optimization Algorithms
         <https://arxiv.org/abs/1707.06347>`_, 2017 (value clipping as in the
         OpenAI baselines implementation)
     """
+    _check_reduction("ppo_value_loss", reduction)
+    _check_rollout("ppo_value_loss", values=values, old_values=old_values, returns=returns,
+                   weights=weights)
     values = _float(values)
     old_values = jax.lax.stop_gradient(_float(old_values))
     returns = jax.lax.stop_gradient(_float(returns))
@@ -517,7 +761,7 @@ def ppo_value_loss(
     per_token = 0.5 * jnp.maximum(
         (values - returns) ** 2, (clipped_values - returns) ** 2
     )
-    return masked_mean(per_token, weights, normalizer)
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
 
 
 def gae(rewards, values, weights, *, gamma=1.0, lam=0.95):
@@ -528,9 +772,9 @@ def gae(rewards, values, weights, *, gamma=1.0, lam=0.95):
         R_t     = A_t + V_t
 
     with V_{t+1} = A_{t+1} = 0 after the last real step (the episode ends
-    there). Computed by a reverse `jax.lax.scan` over time. A zero weight in
-    the middle of a row would likewise end the episode at that step, so
-    padding must be at the end of each row.
+    there), and A = R = 0 where w = 0. Computed by a reverse `jax.lax.scan`
+    over time. A zero weight in the middle of a row would likewise end the
+    episode at that step, so padding must be at the end of each row.
 
     Args:
         rewards: [B, T] per-step rewards (e.g. from `kl_penalized_rewards`).
@@ -540,12 +784,14 @@ def gae(rewards, values, weights, *, gamma=1.0, lam=0.95):
         lam: GAE lambda (bias-variance trade-off).
 
     Returns:
-        `(advantages [B, T], returns [B, T])`, float32, both 0 at padding.
+        `(advantages [B, T], returns [B, T])`, both 0 at padding; float32
+        (float64 under x64 for float64 inputs).
 
     References:
         Schulman et al., `High-Dimensional Continuous Control Using Generalized
         Advantage Estimation <https://arxiv.org/abs/1506.02438>`_, 2016
     """
+    _check_rollout("gae", rewards=rewards, values=values, weights=weights)
     real = jnp.asarray(weights) > 0
     # Zeroing the pads makes V = 0 past the last real step; `where` (not a
     # product) also keeps garbage (inf/nan) pad values out of the result.
@@ -570,11 +816,11 @@ def gae(rewards, values, weights, *, gamma=1.0, lam=0.95):
 def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
     """Per-token RLHF rewards: KL penalty on every token, score on the last.
 
-        reward_{b,t} = -kl_coef (log pi(a_t) - log pi_ref(a_t))
+        reward_{b,t} = -kl_coef (log pi(a_{b,t}) - log pi_ref(a_{b,t}))
                        + [t == last real step of row b] * score_b
 
-    and 0 at padding. log pi - log pi_ref is the sampled-token estimate of
-    KL(pi || pi_ref).
+    where w_{b,t} > 0, and 0 at padding. log pi - log pi_ref is the
+    sampled-token estimate of KL(pi || pi_ref).
 
     Args:
         scores: [B] reward-model score of each whole response.
@@ -584,12 +830,17 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
         kl_coef: KL penalty coefficient.
 
     Returns:
-        [B, T] float32 rewards. A row without real tokens gets all zeros.
+        [B, T] rewards, float32 (float64 under x64 for float64 inputs). A row
+        without real tokens gets all zeros.
 
     References:
         Ziegler et al., `Fine-Tuning Language Models from Human Preferences
         <https://arxiv.org/abs/1909.08593>`_, 2019
     """
+    _check_rollout("kl_penalized_rewards", logprobs=logprobs, ref_logprobs=ref_logprobs,
+                   weights=weights)
+    chex.assert_shape(scores, jnp.shape(logprobs)[:1],
+                      custom_message="kl_penalized_rewards: scores must be [B] (logprobs.shape[:1])")
     real = jnp.asarray(weights) > 0
     log_ratio = _float(logprobs) - _float(ref_logprobs)
     rewards = jnp.where(real, -kl_coef * log_ratio, 0.0)
@@ -597,7 +848,7 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
     # Index of each row's last real step; -1 (matches nothing) for empty rows.
     last = jnp.max(jnp.where(real, positions, -1), axis=-1)
     is_last = positions == last[..., None]
-    return rewards + jnp.where(is_last, _float(scores)[..., None], 0.0)
+    return rewards + jnp.where(is_last, _float(scores)[..., None], 0.0).astype(rewards.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -605,31 +856,60 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
 # ---------------------------------------------------------------------------
 
 
-def classification_loss(logits, labels, weights=None, normalizer=None):
+def classification_loss(logits, labels, weights=None, *, normalizer=None, reduction="mean"):
     """Cross-entropy of class logits against integer labels (seed 003).
 
-        L = -sum_b w_b * log softmax(logits_b)_{y_b} / normalizer   (default sum_b w_b)
+        L = -sum_b w_b log softmax(logits_b)_{y_b} / D,   D = normalizer or sum_b w_b
 
-    `logits` are a head's outputs `W h(x) + b` on a pooled or last-token
-    representation h(x); the log-softmax runs in float32 (log-sum-exp, stable
-    for large logits). The label is picked with `token_logprobs`, so a label
-    outside [0, C) (e.g. -1 padding) gives log-prob 0 rather than NaN or a
+    with w_b = 0 where the label is < 0. `logits` are a head's outputs
+    `W h(x) + b` on a pooled or last-token representation h(x); the log-softmax
+    runs in float32 (log-sum-exp, stable for large logits). The label is picked
+    with `token_logprobs`, so a label >= C gives log-prob 0 rather than NaN or a
     wrapped class, and a row at weight 0 contributes nothing.
 
     Args:
         logits: [B, C] class scores (any float dtype).
-        labels: [B] int class indices y_b in [0, C).
+        labels: [B] int class indices y_b in [0, C); < 0 means no label.
         weights: optional [B] weights, e.g. 0 for the empty slots of a packed
             batch; default all ones.
-        normalizer: optional scalar denominator, e.g. the global count of real
-            sequences; default the weights' sum (B when `weights` is None).
+        normalizer: optional scalar denominator D, e.g. the global count of real
+            sequences.
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
 
     Returns:
-        A float32 scalar.
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
     """
-    return masked_mean(-token_logprobs(logits, labels), weights, normalizer)
+    _check_reduction("classification_loss", reduction)
+    logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+    chex.assert_rank(logits, 2, custom_message="classification_loss: logits must be [B, C]")
+    chex.assert_shape(labels, logits.shape[:1],
+                      custom_message="classification_loss: labels must be [B] (logits.shape[:1])")
+    if weights is None:
+        weights = jnp.ones(labels.shape, jnp.float32)
+    chex.assert_shape(weights, labels.shape,
+                      custom_message="classification_loss: weights must be [B], the shape of labels")
+    weights = _valid_weights(weights, labels)
+    return masked_mean(-token_logprobs(logits, labels), weights, normalizer, reduction=reduction)
 
 
+# The losses by name. Every entry is called the same way:
+#
+#     LOSSES[name](*arrays, **options) -> scalar    ([B] with reduction="per_example")
+#
+# `arrays` positional, in this order; `options` keyword-only, and every entry
+# takes normalizer=None and reduction="mean":
+#
+#     clm, mlm        logits [B,T,V], targets [B,T], weights [B,T]
+#     sft             logits, targets, weights, ref_logits=None [B,T,V];  kl_coef=0
+#     classification  logits [B,C], labels [B], weights=None [B]
+#     reward_model    chosen_rewards [B], rejected_rewards [B];  margin=None, weights=None
+#     dpo             policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+#                     ref_rejected_logps [B] (summed);  beta=0.1, label_smoothing=0, weights=None
+#     ipo             the same four [B] (per-token means);  beta=0.1, weights=None
+#     ppo_policy      logprobs, old_logprobs, advantages, weights [B,T];  clip_eps=0.2
+#     ppo_value       values, old_values, returns, weights [B,T];  clip_eps=0.2
 LOSSES = {
     "clm": clm_loss,
     "mlm": mlm_loss,

@@ -68,7 +68,7 @@ def test_classification_loss_matches_numpy(class_batch, jit, use_weights, normal
     logits, labels, weights = class_batch
     w = weights if use_weights else None
     fn = jax.jit(losses.classification_loss) if jit else losses.classification_loss
-    assert_close(fn(logits, labels, w, normalizer), np_classification_loss(logits, labels, w, normalizer))
+    assert_close(fn(logits, labels, w, normalizer=normalizer), np_classification_loss(logits, labels, w, normalizer))
 
 
 def test_classification_loss_hand_example():
@@ -122,7 +122,7 @@ def test_global_normalizer_makes_microbatch_grads_exact():
     mask = np.array([1, 1, 0, 1, 1, 1, 0, 0], np.float32)  # unequal microbatch counts
 
     def loss_fn(params, x, labels, mask, normalizer=None):
-        return losses.classification_loss(x @ params, labels, mask, normalizer)
+        return losses.classification_loss(x @ params, labels, mask, normalizer=normalizer)
 
     grad_fn = jax.jit(jax.value_and_grad(loss_fn))
     full_loss, full_grad = grad_fn(w, x, labels, mask)

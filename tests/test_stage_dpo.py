@@ -132,8 +132,20 @@ def test_losses_and_metrics_match_numpy(models, batch):
     np.testing.assert_allclose(m["rejected_reward"], np.mean(beta * (pr - rr)), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(m["accuracy"], np.mean(h > 0), rtol=1e-6)
 
-    loss, _ = jax.jit(dpo.dpo_loss_fn(CFG, S, beta=beta, loss="ipo"))(params, b, None, norm)
-    np.testing.assert_allclose(loss, np.mean((h - 1 / (2 * beta)) ** 2), rtol=1e-5)
+    # IPO on per-token means: each response's log-probs (policy and reference) divided
+    # by its own token count (TRL's convention, see losses.ipo_loss).
+    counts = {}
+    for p in dpo.PREFIXES:
+        seqs, _, _, weights = alone(batch, p)
+        counts[p] = dict(zip(seqs, weights.sum(-1)))
+    nc, nr = (np.array([counts[p][k] for k in keys]) for p in dpo.PREFIXES)
+    assert len(set(nc) | set(nr)) > 2  # responses of different lengths
+    h_mean = (pc / nc - pr / nr) - (rc / nc - rr / nr)
+    loss, m = jax.jit(dpo.dpo_loss_fn(CFG, S, beta=beta, loss="ipo"))(params, b, None, norm)
+    np.testing.assert_allclose(loss, np.mean((h_mean - 1 / (2 * beta)) ** 2), rtol=1e-5)
+    np.testing.assert_allclose(m["reward_margin"], np.mean(beta * h_mean), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["chosen_reward"], np.mean(beta * (pc - rc) / nc), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], np.mean(h_mean > 0), rtol=1e-6)
 
 
 def test_bad_arguments_are_refused(models, batch):

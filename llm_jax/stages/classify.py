@@ -114,7 +114,7 @@ def classify_loss_fn(model_cfg: ModelConfig, pooling: str):
         logits = _batch_logits(model_cfg, params, batch, pooling, dropout_rng)  # [R, S, C]
         C = logits.shape[-1]
         labels, mask = batch["labels"].reshape(-1), batch["label_mask"].reshape(-1)
-        loss = losses.classification_loss(logits.reshape(-1, C), labels, mask, normalizer)
+        loss = losses.classification_loss(logits.reshape(-1, C), labels, mask, normalizer=normalizer)
         right = jnp.argmax(jax.lax.stop_gradient(logits), axis=-1).reshape(-1) == labels
         return loss, {"accuracy": losses.masked_mean(right, mask, normalizer)}
     return loss_fn

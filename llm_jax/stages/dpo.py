@@ -3,6 +3,9 @@
     h = (log pi(y+) - log pi(y-)) - (log pi_ref(y+) - log pi_ref(y-))
     DPO: L = -log sigmoid(beta h)        IPO: L = (h - 1 / (2 beta))^2
 
+DPO takes each response's summed log-prob; IPO its per-token mean (the sum
+divided by the response's token count, TRL's convention; see `losses.ipo_loss`).
+
 The reference model (usually the SFT model) is frozen, so its sequence
 log-probs depend only on the data. A pre-pass (`build_reference_cache`) runs it
 over exactly the batches training will see and stores them on disk; training
@@ -33,6 +36,7 @@ import os
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -69,6 +73,21 @@ def pair_logps(model_cfg: ModelConfig, params, batch, prefix: str, max_segments:
     return packing.sequence_scores(token, batch[prefix + "segment_ids"], max_segments)
 
 
+def pair_token_counts(batch, prefix: str, max_segments: int) -> jax.Array:
+    """Token count of each sequence of one side of a packed preference batch: [R, S].
+
+    out[r, s] = sum of the weights of segment s + 1 in row r (its response and
+    eos; targets < 0 count 0, as in `losses`): the divisor that turns a summed
+    log-prob from `pair_logps` into IPO's per-token mean."""
+    weights = batch[prefix + "weights"] * (batch[prefix + "targets"] >= 0)
+    return packing.sequence_scores(weights, batch[prefix + "segment_ids"], max_segments)
+
+
+def _per_token(logps: jax.Array, counts: jax.Array) -> jax.Array:
+    """Summed log-probs -> per-token means; an empty slot (count 0) is divided by 1."""
+    return logps / jnp.where(counts > 0, counts, 1.0)
+
+
 def _check_width(batch, max_segments: int) -> None:
     if batch["pair_mask"].shape[-1] != max_segments:
         raise ValueError(f"max_segments={max_segments}, but the batch's pair_mask has "
@@ -79,15 +98,20 @@ def dpo_loss_fn(model_cfg: ModelConfig, max_segments: int, beta: float = 0.1,
                 label_smoothing: float = 0.0, loss: str = "dpo"):
     """loss_fn(params, batch, rng, normalizer) for `train.make_train_step`.
 
-    `loss` picks `losses.dpo_loss` (with cDPO `label_smoothing`) or
-    `losses.ipo_loss`; both weight pairs by `pair_mask` and divide by the global
-    pair count (`pair_count`). The batch must carry `ref_chosen_logps` and
+    `loss` picks `losses.dpo_loss` (with cDPO `label_smoothing`) on summed
+    sequence log-probs, or `losses.ipo_loss` on per-token mean log-probs: for
+    IPO the policy's and the (cached, summed) reference's log-probs of each
+    response are divided by that response's token count (`pair_token_counts`),
+    so h and its target 1 / (2 beta) are in nats per token, as in TRL. Both
+    weight pairs by `pair_mask` and divide by the global pair count
+    (`pair_count`). The batch must carry `ref_chosen_logps` and
     `ref_rejected_logps` [R, S] (from `CachedReferenceLoader`).
 
     Metrics (sums over the same normalizer, exact over microbatches), with the
-    implicit rewards r(y) = beta * (log pi(y) - log pi_ref(y)):
-    `chosen_reward`, `rejected_reward`, `reward_margin` (= beta * h) and
-    `accuracy` (fraction of pairs with h > 0)."""
+    implicit rewards r(y) = beta * (log pi(y) - log pi_ref(y)) on the log-probs
+    the loss uses (per-token means for IPO): `chosen_reward`,
+    `rejected_reward`, `reward_margin` (= beta * h) and `accuracy` (fraction of
+    pairs with h > 0)."""
     if loss not in ("dpo", "ipo"):
         raise ValueError(f"dpo_loss_fn: loss={loss!r}; expected 'dpo' or 'ipo'")
     if beta <= 0:
@@ -107,6 +131,10 @@ def dpo_loss_fn(model_cfg: ModelConfig, max_segments: int, beta: float = 0.1,
                   for p, r in zip(PREFIXES, rngs))
         rc, rr = (batch[k].reshape(-1) for k in REF_KEYS)
         mask = batch["pair_mask"].reshape(-1)
+        if loss == "ipo":  # per-token means: the IPO convention (see losses.ipo_loss)
+            chosen_n, rejected_n = (pair_token_counts(batch, p, max_segments).reshape(-1) for p in PREFIXES)
+            pc, rc = _per_token(pc, chosen_n), _per_token(rc, chosen_n)
+            pr, rr = _per_token(pr, rejected_n), _per_token(rr, rejected_n)
         if loss == "dpo":
             value = losses.dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=label_smoothing,
                                     normalizer=normalizer, weights=mask)
