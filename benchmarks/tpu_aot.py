@@ -104,7 +104,7 @@ def planned_bytes(name: str, mode: str, topology: str) -> int:
 
 def propose(name: str, mode: str, generation: str) -> str:
     """The smallest slice the planner says fits (the largest if none)."""
-    hbm = aot.CHIPS[generation].hbm_bytes
+    hbm = aot.CHIPS[generation].usable_hbm_bytes
     for topology in LADDER[generation]:
         if planned_bytes(name, mode, topology) <= hbm:
             return topology
@@ -141,7 +141,8 @@ class Runner:
         r["wall_s"] = round(time.time() - t0, 1)
         self.results[k] = r
         print(f"  {'fits' if r.get('fits') else 'does NOT fit'}"
-              + (f", {r['per_chip_bytes']['total'] / GiB:.2f} GiB" if "per_chip_bytes" in r else f" ({r.get('error')})")
+              + (f", {r['per_chip_bytes']['total'] / GiB:.2f} GiB" if r.get("per_chip_bytes")
+                 else f" ({r.get('error') or r.get('compile_error')})")
               + f", {r['wall_s']} s", flush=True)
         self.save()
         return r
@@ -205,6 +206,9 @@ def row_md(name, mode, topology, stage, r) -> str:
         return label + " not measured (time limit) | | | | | | |"
     if "error" in r:
         return label + f" compile failed: {r['error']} | | | | | | {r['wall_s']:.0f} |"
+    if r.get("compile_error"):  # the compiler refused the program for want of HBM
+        need = r["compile_error"].split(":", 1)[-1].strip()[:160]
+        return label + f" **no**: the compiler refuses it ({need}) | | | | | | {r['compile_s']:.0f} |"
     b, roof = r["per_chip_bytes"], r["roofline"]
     planned = "" if r.get("planned_total_bytes") is None else gib(r["planned_total_bytes"])
     flops = max(r["flops_per_chip"], r["traced_flops"] / r["chips"], r["model_flops"] / r["chips"])

@@ -148,14 +148,18 @@ def plan(cfg: ModelConfig, mesh, batch_size: int, seq_len: int,
                 activations=activation_bytes(cfg, mesh, batch_size, seq_len), param_count=count)
 
 
-def compiled_total(cfg: ModelConfig, sizes, batch_size: int, seq_len: int, topology: str) -> int:
+def compiled_total(cfg: ModelConfig, sizes, batch_size: int, seq_len: int, topology: str) -> int | None:
     """The TPU compiler's per-chip bytes (arguments + outputs + temp - alias) of the
     pretrain step for the same settings (`llm_jax.aot`; raises ConfigError without
-    libtpu). The estimate is a formula; this is what XLA will allocate."""
+    libtpu), None when the compiler refuses a step bigger than the chip's HBM. The
+    estimate is a formula; this is what XLA will allocate."""
     from llm_jax import aot  # aot imports this module
     from llm_jax.config import MeshConfig
     r = aot.compile_stage(aot.AOTSettings(stage="pretrain", topology=topology, mesh=MeshConfig(*sizes),
                                           batch_size=batch_size, seq_len=seq_len, model=cfg))
+    if r["per_chip_bytes"] is None:  # refused for want of HBM: more than the chip has
+        print(f"  the TPU compiler refuses the step for {topology}: {r['compile_error']}")
+        return None
     return r["per_chip_bytes"]["total"]
 
 
@@ -202,6 +206,9 @@ def main(argv=None) -> int:
         except (ConfigError, sharding.MeshError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        if total is None:
+            print(f"  does NOT fit on {args.compile} (the compiler's verdict)")
+            return 1
         print(f"  compiled for {args.compile} (XLA's memory analysis, one chip): {total / GiB:.2f} GiB; "
               f"estimate / compiled = {result.total / total:.2f}")
     if args.memory_gib:
