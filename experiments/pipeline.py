@@ -134,15 +134,21 @@ class Config:
     ppo: PPOStage = PPOStage()
     dpo: DPOStage = DPOStage()
     eval: EvalConfig = EvalConfig()
+    # Data shards of every stage's loader (pretrain, sft, rm, dpo; PPO's prompt batches are the
+    # same on any process count already): 0 = one per process; a fixed N gives the same global
+    # batches on any process count that divides it (`data.loader.ShardedLoader`).
+    data_shards: int = 0
 
 
 # ---------------------------------------------------------------------------
 # Shared pieces
 
 
-def stage_loader(cfg_data: DataConfig, tr: TrainConfig, tok, split: str = "train", **kw) -> ShardedLoader:
+def stage_loader(cfg_data: DataConfig, tr: TrainConfig, tok, data_shards: int, split: str = "train",
+                 **kw) -> ShardedLoader:
+    """`data_shards`: the pipeline's `data_shards` (0: one shard per process)."""
     data_cfg = dataclasses.replace(cfg_data, seq_len=tr.seq_len, batch_size=tr.batch_size, split=split, **kw)
-    return ShardedLoader(data_cfg, tok, jax.process_count())
+    return ShardedLoader(data_cfg, tok, data_shards or jax.process_count())
 
 
 def check_stage(cfg: Config, name: str, tr: TrainConfig, mesh) -> None:
@@ -176,7 +182,11 @@ def start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]:
     the stage's settings plus the model config (what `python -m llm_jax.generate` reads)."""
     stage_dir = os.path.join(workdir, name)
     stage_cfg = getattr(cfg, name)
-    done = runner.begin(stage_dir, stage_cfg.train.steps, {"model": to_dict(cfg.model), **to_dict(stage_cfg)})
+    # A stage with a data loader records data_shards (as pretrain's config does): resuming it
+    # with another value would read other batches.
+    shards = {"data_shards": cfg.data_shards} if hasattr(stage_cfg, "data") else {}
+    done = runner.begin(stage_dir, stage_cfg.train.steps,
+                        {"model": to_dict(cfg.model), **to_dict(stage_cfg), **shards})
     return stage_dir, done
 
 
@@ -193,7 +203,7 @@ def run_sft(workdir: str, cfg: Config, mesh, tok) -> dict | None:
                                         per_task=cfg.eval.instruction_per_task, seed=cfg.eval.seed)
     tx, schedule = train.make_optimizer(cfg.sft.optim, cfg.sft.train.steps)
     state, shardings = train.state_from_params(base, tx, mesh, cfg.sft.train.seed)
-    loader = stage_loader(cfg.sft.data, cfg.sft.train, tok, kind="sft")
+    loader = stage_loader(cfg.sft.data, cfg.sft.train, tok, cfg.data_shards, kind="sft")
     state, summary = train_stage("sft", workdir, state, shardings, sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef),
                                  sft.weight_sum, tx, schedule, loader, mesh, cfg.sft.train,
                                  frozen=base if cfg.sft.kl_coef > 0 else None)
@@ -211,7 +221,8 @@ def run_sft(workdir: str, cfg: Config, mesh, tok) -> dict | None:
 
 
 def rm_accuracy(cfg: Config, params, tok, mesh) -> float:
-    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, split="eval", shuffle=False, kind="preferences")
+    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, cfg.data_shards, split="eval", shuffle=False,
+                          kind="preferences")
     fn = jax.jit(lambda p, b: reward.pairwise_accuracy(cfg.model, p, b, cfg.rm.data.max_segments))
     correct = total = 0.0
     for _ in range(cfg.rm.eval_batches):
@@ -230,7 +241,7 @@ def run_rm(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     tx, schedule = train.make_optimizer(cfg.rm.optim, cfg.rm.train.steps)
     state, shardings = train.state_from_params(params, tx, mesh, cfg.rm.train.seed)
     before = rm_accuracy(cfg, state.params, tok, mesh)
-    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, kind="preferences")
+    loader = stage_loader(cfg.rm.data, cfg.rm.train, tok, cfg.data_shards, kind="preferences")
     state, summary = train_stage("rm", workdir, state, shardings,
                                  reward.rm_loss_fn(cfg.model, cfg.rm.data.max_segments), reward.pair_count,
                                  tx, schedule, loader, mesh, cfg.rm.train)
@@ -302,12 +313,14 @@ def run_dpo(workdir: str, cfg: Config, mesh, tok) -> dict | None:
     sft_params = runner.stage_params(workdir, "sft", lm_like(cfg, mesh))
     cache_dir = os.path.join(stage_dir, "reference")
     t0 = time.time()
-    dpo.build_reference_cache(cfg.model, sft_params, stage_loader(d.data, d.train, tok, kind="preferences"),
+    dpo.build_reference_cache(cfg.model, sft_params,
+                              stage_loader(d.data, d.train, tok, cfg.data_shards, kind="preferences"),
                               d.train.steps, cache_dir, mesh, progress=say)
     ref_seconds = time.time() - t0
     tx, schedule = train.make_optimizer(d.optim, d.train.steps)
     state, shardings = train.state_from_params(sft_params, tx, mesh, d.train.seed)
-    loader = dpo.CachedReferenceLoader(stage_loader(d.data, d.train, tok, kind="preferences"), cache_dir)
+    loader = dpo.CachedReferenceLoader(stage_loader(d.data, d.train, tok, cfg.data_shards, kind="preferences"),
+                                       cache_dir)
     loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta, label_smoothing=d.label_smoothing,
                               loss=d.loss)
     state, summary = train_stage("dpo", workdir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
@@ -366,10 +379,18 @@ def main(argv=None) -> int:
     pcfg = pretrain_experiment.Config(model=cfg.model, optim=cfg.pretrain.optim, mesh=cfg.mesh,
                                       train=cfg.pretrain.train, data=cfg.pretrain.data,
                                       eval_batches=cfg.pretrain.eval_batches, probe_shots=cfg.eval.shots,
-                                      probe_per_task=cfg.eval.icl_per_task)
+                                      probe_per_task=cfg.eval.icl_per_task, data_shards=cfg.data_shards)
     pretrain_experiment.check_config(pcfg, tok, mesh)
     for name in ("sft", "rm", "dpo"):
         check_stage(cfg, name, getattr(cfg, name).train, mesh)
+    if cfg.data_shards < 0:
+        raise ConfigError(f"data_shards={cfg.data_shards} must be >= 0 (0: one per process)")
+    shards = cfg.data_shards or jax.process_count()
+    for name in ("pretrain", "sft", "rm", "dpo"):  # before the first stage trains, not when DPO starts
+        batch = getattr(cfg, name).train.batch_size
+        if shards % jax.process_count() or batch % shards:
+            raise ConfigError(f"data_shards={cfg.data_shards}: {shards} data shards must be a multiple of "
+                              f"the {jax.process_count()} processes and divide {name}.train.batch_size={batch}")
     # Each stage's records, before the first stage trains (not SFT's after pretraining).
     for data, kind in ((pcfg.data, "pretrain"), (cfg.sft.data, "sft"), (cfg.rm.data, "preferences"),
                        (cfg.dpo.data, "preferences")):
