@@ -46,7 +46,9 @@ def test_gpt2_pretrain_smoke(tmp_path, capsys):
     workdir = str(tmp_path / "gpt2")
     assert run_main(gpt2_pretrain, workdir, tmp_path, ["samples=2", "sample_tokens=4"]) == 0
     rows, ev = check_run_dir(workdir, "pretrain", "gpt2_pretrain")
-    assert ev["steps"] == 2 and 0 < ev["heldout_loss_after"] < ev["heldout_loss_before"]
+    # Held-out loss drop in the 2 steps, measured with train.seed and data.seed 0 (this test)
+    # and 1-4 (2026-12): 0.569, 0.519, 0.519, 0.531, 0.540.
+    assert ev["steps"] == 2 and 0 < ev["heldout_loss_after"] < ev["heldout_loss_before"] - 0.25, ev
     assert ev["data"]["records_used"] > 0
     assert len(ev["samples"]) == 2 and all(s["original"].startswith(s["prompt"]) for s in ev["samples"])
     # Rerunning finds the stage finished: it reloads the saved tokenizer and trains nothing.
@@ -64,7 +66,10 @@ def test_bert_mlm_smoke(tmp_path):
     assert run_main(bert_mlm, workdir, tmp_path) == 0
     rows, ev = check_run_dir(workdir, "mlm", "bert_mlm")
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["normalizer"] >= 1 for r in rows)
-    assert 0 < ev["heldout_mlm_loss_after"] < ev["heldout_mlm_loss_before"]
+    # Held-out masked-token loss drop in the 2 steps, measured with train.seed and data.seed 0
+    # (this test) and 1-4 (2026-12): 0.243, 0.296, 0.264, 0.331, 0.322. The accuracy is not
+    # asserted to move: one held-out batch has ~24 masked tokens, and it went 0 -> 0-3 of them.
+    assert 0 < ev["heldout_mlm_loss_after"] < ev["heldout_mlm_loss_before"] - 0.12, ev
     for k in ("heldout_mlm_accuracy_before", "heldout_mlm_accuracy_after"):
         assert 0.0 <= ev[k] <= 1.0, k
     # The trained encoder exports as a BERT that transformers computes the same.

@@ -287,5 +287,8 @@ def test_a_few_dpo_steps_open_a_positive_reward_margin(tmp_path):
     assert history[0]["reward_margin"] == 0.0  # policy == reference before the first update
     np.testing.assert_allclose(history[0]["loss"], np.log(2.0), rtol=1e-6)
     # Measured on each new batch before its update: the preference generalizes.
+    # Measured with the init, state seed and data seed of seeds 0-4 (seed 0 is this test):
+    # smallest margin of the last 3 steps 0.61, 0.86, 0.48, 0.77, 0.88; their mean accuracy
+    # 0.89, 0.94, 0.85, 0.90, 0.90 (0.6 is 0.25 below the lowest).
     assert all(h["reward_margin"] > 0 for h in history[-3:]), history
     assert np.mean([h["accuracy"] for h in history[-3:]]) > 0.6, history

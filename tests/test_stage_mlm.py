@@ -205,6 +205,10 @@ def test_training_lowers_heldout_masked_token_loss():
     for _ in range(steps):
         state, m = step(state, sharding.shard_batch(next(data), mesh))
     loss1, acc1 = heldout(state.params, evals, start)
+    # Measured with the init, state seed, data and masking seed of seeds 0-4 (seed 0 is this
+    # test): loss0 5.42-5.52; loss drop 2.21, 2.21, 2.27, 2.30, 2.20 (margin 0.7 to 1.5);
+    # accuracy gain 0.110, 0.112, 0.127, 0.110, 0.115: only 0.01 above 0.1 (about 6 of the
+    # ~600 held-out masked tokens) at this test's own seed; too close for comfort, kept.
     assert loss0 > 5.0  # about log(262) at initialization
     assert loss1 < loss0 - 1.5, (loss0, loss1)
     assert acc1 > acc0 + 0.1, (acc0, acc1)

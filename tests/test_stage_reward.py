@@ -189,7 +189,12 @@ def test_training_on_builtin_preferences_beats_chance_on_held_out_pairs():
     for _ in range(steps):
         state, metrics = step(state, sharding.shard_batch(next(loader), mesh))
     after = evaluate(state.params)
-    assert after >= 0.7 and after > before + 0.2, (before, after)
+    # Measured with the init, state seed and data seed of seeds 0-4 (seed 0 is this test),
+    # on these 67 held-out pairs: after 0.806, 0.851, 0.851, 0.836, 0.821 (0.7 is 7 pairs
+    # below the lowest); before (a random head, on either side of chance) 0.164, 0.701,
+    # 0.209, 0.239, 0.687, so the gain was 0.64, 0.15, 0.64, 0.60, 0.13: the former
+    # "before + 0.2" failed for seeds 1 and 4. It is now + 0.05 (margin 0.08, 5 pairs).
+    assert after >= 0.7 and after > before + 0.05, (before, after)
 
 
 def test_pairwise_accuracy_by_kind_matches_each_pair_scored_alone(params):

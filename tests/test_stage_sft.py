@@ -128,6 +128,9 @@ def test_training_lowers_the_loss_and_leaves_the_reference_alone():
     for i in range(20):
         state, m = step(state, sharding.shard_batch(batches[i % 2], mesh), frozen)
         history.append(float(m["loss"]))
+    # Measured last/first loss with the init, state seed and data seed of seeds 0-4 (seed 0
+    # is this test): 0.629, 0.601, 0.552, 0.558, 0.579; this test's own seed is the closest
+    # to 0.7 (margin 0.07). Final KL 0.60-0.76.
     assert history[-1] < 0.7 * history[0], history
     assert float(m["kl"]) > 0  # the policy moved away from the frozen model
     for a, b in zip(jax.tree.leaves(frozen), jax.tree.leaves(frozen_before)):
