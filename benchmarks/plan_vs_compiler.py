@@ -136,14 +136,6 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def libtpu_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("libtpu")
-    except Exception:
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reuse", action="store_true", help="compiled bytes from the JSON; recompute the planner")
@@ -160,7 +152,7 @@ def main(argv=None) -> int:
             old = {r["name"]: r for r in json.load(f)["rows"]}
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no TPU",
-            "jax": jax.__version__, "libtpu": libtpu_version()}
+            "jax": jax.__version__, "libtpu": aot.libtpu_version()}
     results = []
     for row in ROWS:
         if args.only not in row.name:

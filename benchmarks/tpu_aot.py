@@ -40,7 +40,6 @@ measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -150,7 +149,7 @@ class Runner:
     def save(self):
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, no TPU",
-                "jax": jax.__version__, "libtpu": libtpu_version()}
+                "jax": jax.__version__, "libtpu": aot.libtpu_version()}
         with open(self.path, "w") as f:
             json.dump({"meta": meta, "results": self.results, "searches": self.searches}, f, indent=1)
         with open(self.path[:-5] + ".md", "w") as f:
@@ -296,14 +295,6 @@ def step_up(run: Runner, job: tuple, topology: str | None) -> None:
         while r is not None and not r["fits"] and "error" not in r and i + 1 < len(ladder):
             i += 1
             r = run.get(name, mode, ladder[i], stage)
-
-
-def libtpu_version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("libtpu")
-    except Exception:
-        return "unknown"
 
 
 def main(argv=None) -> int:

@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import importlib.metadata
 import math
 import os
 import re
@@ -215,6 +216,14 @@ def _flag(name: str) -> str:
 
 # ---------------------------------------------------------------------------
 # Topology and mesh
+
+
+def libtpu_version() -> str:
+    """The installed libtpu's version, for the benchmark tables' headers."""
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def require_tpu_compiler() -> None:

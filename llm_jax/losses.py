@@ -237,10 +237,15 @@ def sequence_logprobs(logits, targets, weights):
         [B] sequence log-probabilities, float32 (float64 under x64 for float64
         inputs).
     """
+    return _sequence_sums("sequence_logprobs", logits, targets, weights)[0]
+
+
+def _sequence_sums(name, logits, targets, weights):
+    """(sum_t w log p [B], the valid weights [B, T]) after the shared input checks."""
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-    _check_token_inputs("sequence_logprobs", logits, targets, jnp.asarray(weights))
+    _check_token_inputs(name, logits, targets, jnp.asarray(weights))
     weights = _valid_weights(weights, targets)
-    return jnp.sum(weights * token_logprobs(logits, targets), axis=-1)
+    return jnp.sum(weights * token_logprobs(logits, targets), axis=-1), weights
 
 
 def sequence_mean_logprobs(logits, targets, weights):
@@ -260,10 +265,7 @@ def sequence_mean_logprobs(logits, targets, weights):
         [B] mean log-probabilities, float32 (float64 under x64 for float64
         inputs).
     """
-    logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-    _check_token_inputs("sequence_mean_logprobs", logits, targets, jnp.asarray(weights))
-    weights = _valid_weights(weights, targets)
-    total = jnp.sum(weights * token_logprobs(logits, targets), axis=-1)
+    total, weights = _sequence_sums("sequence_mean_logprobs", logits, targets, weights)
     count = jnp.sum(weights, axis=-1)
     return total / jnp.where(count > 0, count, 1.0).astype(total.dtype)
 
