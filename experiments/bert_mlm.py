@@ -34,10 +34,10 @@ import numpy as np
 
 from experiments import gpt2_pretrain
 from experiments import pretrain as pretrain_experiment
-from llm_jax import launch, loop, model, sharding, train
+from llm_jax import cli, launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
-from llm_jax.rundir import parse_args, run_main, say, write_run_json
+from llm_jax.rundir import parse_args, say, write_run_json
 from llm_jax.stages import mlm, runner
 
 STAGE = "mlm"
@@ -150,4 +150,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

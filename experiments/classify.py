@@ -36,12 +36,12 @@ import time
 import jax
 import numpy as np
 
-from llm_jax import launch, loop, model, sharding, train
+from llm_jax import cli, launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import classify as classify_data
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer, TokenizerError, check_vocab_fits, load_tokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
+from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import classify, runner
 
 # Narrower than the pipeline's model (d_model 128, d_ff 512): on 2 CPU cores this
@@ -231,4 +231,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

@@ -43,14 +43,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from experiments import pretrain as pretrain_experiment
-from llm_jax import generate, launch, loop, model, sharding, train
+from llm_jax import cli, generate, launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.errors import DataError
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import SPECIAL_TOKENS, TokenizerError, load_tokenizer, train_bpe
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
+from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import pretrain, runner
 
 STAGE = "pretrain"
@@ -235,4 +235,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

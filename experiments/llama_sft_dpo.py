@@ -53,14 +53,14 @@ import jax
 import jax.numpy as jnp
 
 from experiments.pipeline import DPOStage, SFTStage
-from llm_jax import checkpoint, hf, launch, lora, loop, model, sharding, train
+from llm_jax import checkpoint, cli, hf, launch, lora, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import (TokenizerError, check_vocab_fits, load_hf_tokenizer, load_tokenizer,
                                     train_bpe)
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
+from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import dpo, reward, runner, sft
 
 
@@ -363,4 +363,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

@@ -35,12 +35,12 @@ import time
 import jax
 
 from experiments import pretrain as pretrain_experiment
-from llm_jax import evals, launch, loop, model, report, sharding, train
+from llm_jax import cli, evals, launch, loop, model, report, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data import preferences
 from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
+from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import dpo, ppo, reward, runner, sft
 
 MODEL = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=128, num_layers=4, num_heads=4,
@@ -423,4 +423,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

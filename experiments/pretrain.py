@@ -18,11 +18,11 @@ import sys
 import jax
 import numpy as np
 
-from llm_jax import evals, launch, loop, model, sharding, train
+from llm_jax import cli, evals, launch, loop, model, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, to_dict
 from llm_jax.data.loader import DataConfig, ShardedLoader
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.rundir import is_primary, parse_args, run_main, say, write_run_json
+from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import pretrain, runner
 
 
@@ -140,4 +140,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    sys.exit(cli.run(main))

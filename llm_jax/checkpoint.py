@@ -36,17 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llm_jax.errors import CheckpointError, CheckpointMismatch
+
 log = logging.getLogger(__name__)
 
 STATE, DATA = "state", "data"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, or does not fit the model."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """A readable checkpoint written by a different configuration than this run's."""
 
 
 FINGERPRINT = "_fingerprint"  # key in the saved data item

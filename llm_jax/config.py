@@ -17,9 +17,7 @@ import types
 import typing
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
+from llm_jax.errors import ConfigError  # noqa: F401 - raised here, imported from here by callers
 
 
 @dataclasses.dataclass(frozen=True)

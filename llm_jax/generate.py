@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import typing
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llm_jax import checkpoint, model
+from llm_jax import checkpoint, cli, model
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.data import formats
 from llm_jax.data.tokenizer import TokenizerError, check_vocab_fits, load_tokenizer
@@ -296,8 +297,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import logging
-
-    from llm_jax.rundir import run_main
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices are not for CLI users
-    sys.exit(run_main(lambda: main(sys.argv[1:])))
+    sys.exit(cli.run(lambda: main(sys.argv[1:])))

@@ -43,17 +43,13 @@ import ml_dtypes
 import numpy as np
 
 from llm_jax import model
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax.config import ModelConfig
+from llm_jax.errors import ConfigError, HFError
 
 Params = dict[str, Any]
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-
-class HFError(ValueError):
-    """A Hugging Face directory, config or weight that cannot be imported or exported;
-    the message names the file and the setting or tensor."""
 
 
 # ---------------------------------------------------------------------------

@@ -23,14 +23,11 @@ from jax.experimental import multihost_utils
 
 from llm_jax import sharding
 from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
-from llm_jax.config import ConfigError, TrainConfig
+from llm_jax.config import TrainConfig
+from llm_jax.errors import ConfigError, TrainingDiverged
 from llm_jax.progress import ProgressBar
 from llm_jax.rundir import MetricsLog, is_primary
 from llm_jax.tensorboard import SummaryWriter
-
-
-class TrainingDiverged(RuntimeError):
-    """Too many loss spikes in too short a window: the run stops with a report."""
 
 
 @dataclasses.dataclass

@@ -16,18 +16,15 @@ import importlib.metadata
 import json
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
-from llm_jax.config import ConfigError, apply_overrides, to_dict, validate_all
+from llm_jax.config import apply_overrides, to_dict, validate_all
+from llm_jax.errors import ConfigError, WorkdirError
 
-
-class WorkdirError(ConfigError):
-    """A workdir that cannot hold this run: not a directory, not writable, in use."""
 
 PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "chex", "numpy",
             "tensorflow-datasets", "grain", "tokenizers")
@@ -148,47 +145,6 @@ def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
     })
 
 
-def run_main(main) -> int:
-    """Runs an experiment's main(); a config, mesh, data or checkpoint mistake (or a
-    diverged run) prints what and where and exits 2, instead of a traceback from
-    deep inside JAX."""
-    from llm_jax.checkpoint import CheckpointError
-    from llm_jax.data.errors import DataError
-    from llm_jax.data.tokenizer import TokenizerError
-    from llm_jax.hf import HFError
-    from llm_jax.loop import TrainingDiverged
-    from llm_jax.sharding import MeshError
-
-    # SIGTERM (a scheduler's stop, the launcher passing one on) becomes an exception
-    # like Ctrl-C's, so the stage loop's cleanup runs: pending checkpoint saves are
-    # finished and closed before the process ends.
-    def stop(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        return main()
-    except KeyboardInterrupt as e:
-        name = str(e) or "SIGINT"
-        print(f"\nstopped by {name}; saved checkpoints are kept: rerun the same command to resume from "
-              "the newest one", file=sys.stderr)
-        return 128 + getattr(signal, name, signal.SIGINT).value
-    except (ConfigError, MeshError, CheckpointError, DataError, TokenizerError, HFError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        # The disk, not the code: say which file and why, not a traceback.
-        if e.errno not in _DISK_ERRORS:
-            raise
-        print(f"error: {e.strerror}: {e.filename or ''}. Fix the disk or directory, then rerun the same "
-              "command: finished stages are kept and an interrupted one resumes from its last "
-              "checkpoint", file=sys.stderr)
-        return 2
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
-                errno.EEXIST, errno.EISDIR}
 
 
 class MetricsLog:

@@ -22,7 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llm_jax.config import ConfigError, MeshConfig
+from llm_jax.config import MeshConfig
+from llm_jax.errors import ConfigError, MeshError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both
@@ -47,10 +48,6 @@ PARTITION_RULES: dict[str, tuple] = {
     "up_bias": (None, "tensor"),  # [L, F]
     "gate_bias": (None, "tensor"),  # [L, F]
 }
-
-
-class MeshError(ValueError):
-    """A mesh that cannot work with these devices, model or batch."""
 
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:

@@ -24,6 +24,7 @@ import pytest
 
 from experiments import pretrain
 from llm_jax import checkpoint, generate, model, rundir, train
+from llm_jax.cli import run as run_cli
 from llm_jax.config import ConfigError, preset, to_dict
 from llm_jax.data import formats
 from llm_jax.data.tokenizer import ByteTokenizer
@@ -74,7 +75,7 @@ def run(tmp_path_factory):
 
 def cli(capsys, *argv):
     """-> (exit code, JSON lines on stdout, stderr) of the CLI run as `__main__` runs it."""
-    code = rundir.run_main(lambda: generate.main(list(argv)))
+    code = run_cli(lambda: generate.main(list(argv)))
     out, err = capsys.readouterr()
     return code, [json.loads(line) for line in out.splitlines()], err
 

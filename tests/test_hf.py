@@ -515,7 +515,7 @@ def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, caps
     assert auto(text, add_special_tokens=False)["input_ids"] == fast(text, add_special_tokens=False)["input_ids"]
     # A mistake in the HF directory stops at once, naming it.
     os.remove(os.path.join(d, "config.json"))
-    from llm_jax.rundir import run_main
+    from llm_jax.cli import run as run_main
     assert run_main(lambda: llama_sft_dpo.main(["--workdir", str(tmp_path / "run2")] + argv[2:])) == 2
     assert "no config.json" in capsys.readouterr().err
 

@@ -446,7 +446,7 @@ def test_experiment_reports_a_bad_safetensors_header(tmp_path, capsys):
     `error: ...` naming file and tensor, exit 2 (in-process through run_main,
     which is what the module's __main__ runs)."""
     from experiments import llama_sft_dpo
-    from llm_jax.rundir import run_main
+    from llm_jax.cli import run as run_main
     tensors = llama_tensors()
     header, offset = {}, 0
     for name, a in tensors.items():

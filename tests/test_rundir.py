@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from llm_jax import rundir
+from llm_jax import cli, rundir
 from llm_jax.config import TrainConfig
 
 HOLDER = """
@@ -51,7 +51,7 @@ def test_workdir_that_is_a_file(tmp_path):
 def test_disk_errors_are_one_line(capsys):
     def full_disk():
         raise OSError(errno.ENOSPC, "No space left on device", "/runs/demo/sft/metrics.jsonl")
-    assert rundir.run_main(full_disk) == 2
+    assert cli.run(full_disk) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: No space left on device: /runs/demo/sft/metrics.jsonl.")
     assert "rerun the same command" in err and "Traceback" not in err
@@ -59,7 +59,7 @@ def test_disk_errors_are_one_line(capsys):
     def bug():
         raise OSError(errno.ECONNRESET, "reset")  # not a disk problem: a real traceback
     with pytest.raises(OSError):
-        rundir.run_main(bug)
+        cli.run(bug)
 
 
 def test_lock_on_an_unwritable_workdir(tmp_path, monkeypatch):

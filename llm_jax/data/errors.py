@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from llm_jax.errors import DataError  # noqa: F401 - the data layer's fatal error
+
 FIRST_PLACES = 5  # places kept per reason: enough to find the pattern, small enough for a log line
-
-
-class DataError(ValueError):
-    """A data problem the run cannot continue past; the message names the source."""
 
 
 @dataclasses.dataclass

@@ -23,14 +23,12 @@ import json
 import os
 from collections.abc import Iterable
 
+from llm_jax.errors import TokenizerError
+
 # id -> name; the same ids in every tokenizer of this package.
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>", "<prompt>", "<response>")
 PAD_ID, BOS_ID, EOS_ID, MASK_ID, PROMPT_ID, RESPONSE_ID = range(len(SPECIAL_TOKENS))
 META_FILE = "meta.json"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer that cannot be loaded or does not fit the model."""
 
 
 class _Specials:

@@ -43,18 +43,13 @@ from jax.experimental import multihost_utils
 from llm_jax import losses, model, sharding
 from llm_jax.config import ModelConfig
 from llm_jax.data import packing
-from llm_jax.data.errors import DataError
+from llm_jax.errors import DataError, ReferenceCacheError
 from llm_jax.stages.reward import pair_count  # the normalizer: real pairs in the global batch
 
 PREFIXES = ("chosen_", "rejected_")
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 MANIFEST = "manifest.json"
 CACHE_VERSION = 1
-
-
-class ReferenceCacheError(DataError):
-    """A reference cache that is missing, incomplete, or built for other data (a
-    DataError, so experiments report it in one line)."""
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""The one entry every `python -m llm_jax.*` command and experiment goes through.
+
+    if __name__ == "__main__":
+        sys.exit(cli.run(main))
+
+A user-fixable mistake (`llm_jax.errors.LlmJaxError`) prints `error: ...` and
+exits 2; a full or read-only disk prints the file and exits 2; SIGTERM and
+Ctrl-C stop the run after its pending checkpoint saves and exit 128 + signal.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from typing import Callable
+
+from llm_jax.errors import LlmJaxError
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                errno.EEXIST, errno.EISDIR}
+
+
+def run(main: Callable[[], int | None]) -> int:
+    """Runs `main()` and returns the process's exit status (see the module docstring)."""
+    # SIGTERM (a scheduler's stop, the launcher passing one on) becomes an exception
+    # like Ctrl-C's, so the stage loop's cleanup runs: pending checkpoint saves are
+    # finished and closed before the process ends.
+    def stop(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        return main() or 0
+    except KeyboardInterrupt as e:
+        name = str(e) or "SIGINT"
+        print(f"\nstopped by {name}; saved checkpoints are kept: rerun the same command to resume from "
+              "the newest one", file=sys.stderr)
+        return 128 + getattr(signal, name, signal.SIGINT).value
+    except LlmJaxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # The disk, not the code: say which file and why, not a traceback.
+        if e.errno not in _DISK_ERRORS:
+            raise
+        print(f"error: {e.strerror}: {e.filename or ''}. Fix the disk or directory, then rerun the same "
+              "command: finished stages are kept and an interrupted one resumes from its last "
+              "checkpoint", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
