@@ -21,7 +21,7 @@ import torch
 import transformers
 from safetensors.torch import save_file
 
-from llm_jax import hf, model
+from llm_jax import cli, hf, model
 from llm_jax.config import ConfigError, ModelConfig, apply_overrides
 from llm_jax.data import formats
 from llm_jax.data.tokenizer import HfTokenizer, TokenizerError, load_hf_tokenizer, load_tokenizer
@@ -412,6 +412,11 @@ def test_hf_tokenizer_errors(tmp_path):
 # Export CLI: a stage of a run directory
 
 
+def export_cli(*argv) -> int:
+    """The exit status of `python -m llm_jax.hf export *argv`, run as `__main__` runs it."""
+    return cli.run(lambda: hf.main(["export", *argv]))
+
+
 def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
     import reference_model as ref
     from test_generate_cli import CFG, WEIGHTS, save_stage
@@ -431,15 +436,15 @@ def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
                                                        ("policy", "value")]) > 100 * RTOL
     for stage, weights in (("sft", "sft"), ("ppo", "policy")):
         out = str(tmp_path / f"hf_{stage}")
-        assert hf.main(["export", "--workdir", workdir, "--stage", stage, "--out", out]) == 0
+        assert export_cli("--workdir", workdir, "--stage", stage, "--out", out) == 0
         assert json.loads(capsys.readouterr().out)["family"] == "llama"
         assert rel_err(reload_logits(out, transformers.AutoModelForCausalLM, tokens), want[weights]) < RTOL
-    assert hf.main(["export", "--workdir", workdir, "--stage", "rm", "--out", str(tmp_path / "x")]) == 2
+    assert export_cli("--workdir", workdir, "--stage", "rm", "--out", str(tmp_path / "x")) == 2
     assert "scalar model" in capsys.readouterr().err
-    assert hf.main(["export", "--workdir", workdir, "--stage", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert export_cli("--workdir", workdir, "--stage", "nope", "--out", str(tmp_path / "x")) == 2
     assert "stages in" in capsys.readouterr().err
     (tmp_path / "a_file").write_text("x")  # --out naming a file: one line, not a FileExistsError traceback
-    assert hf.main(["export", "--workdir", workdir, "--stage", "sft", "--out", str(tmp_path / "a_file")]) == 2
+    assert export_cli("--workdir", workdir, "--stage", "sft", "--out", str(tmp_path / "a_file")) == 2
     assert "error: --out" in capsys.readouterr().err
     # A BPE run tokenizer goes along, loadable by AutoTokenizer with the same ids.
     bpe = train_bpe(["Translate Blume from German to English.", "flower"] * 10, 300)
@@ -448,7 +453,7 @@ def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
     save_stage(workdir, "big", model.init(big, jax.random.PRNGKey(2)), cfg=big)
     bpe.save(os.path.join(workdir, "tokenizer"))  # save_stage wrote the byte tokenizer over it
     out = str(tmp_path / "hf_big")
-    assert hf.main(["export", "--workdir", workdir, "--stage", "big", "--out", out]) == 0
+    assert export_cli("--workdir", workdir, "--stage", "big", "--out", out) == 0
     auto = transformers.AutoTokenizer.from_pretrained(out)
     text = "Translate Blume"
     assert auto(text, add_special_tokens=False)["input_ids"] == bpe.encode(text)
