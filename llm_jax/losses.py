@@ -6,9 +6,11 @@ Conventions shared by every function here (docs/losses.md has the long form):
     chex), safe under `jax.jit`, `jax.grad` and `jax.vmap` (over an extra
     leading axis). No Flax, no config objects. Shapes: B batch, T time,
     V vocab, C classes.
-* Shapes are checked at trace time: a wrong rank or a mismatch raises chex's
-    AssertionError naming the function and the argument, e.g.
-    "clm_loss: targets must be [B, T] (logits.shape[:2])".
+* Arguments are checked at trace time (shapes with chex): a wrong rank, a
+    mismatch or an option out of range raises `llm_jax.errors.InputError` (a
+    ValueError) naming the function, the argument, the shape it must have and
+    the one it has, e.g. "clm_loss: targets must be [B, T] (logits.shape[:2]);
+    got shape (2, 7), expected (2, 8)".
 * Token-level inputs are already aligned: `targets[b, t]` is the token that
     `logits[b, t]` predicts (see `shift_for_clm`). A target < 0 (Hugging
     Face's -100 "ignore" label, or -1 padding) is ignored everywhere: it counts
@@ -43,6 +45,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from llm_jax.errors import InputError
+
 REDUCTIONS = ("mean", "per_example")
 
 
@@ -61,45 +65,63 @@ def _static_value(x):
         return None
 
 
+def _rank(x, rank, message):
+    """chex's rank check; a failure is an InputError: `message` (the function, the
+    argument, the shape it must have) and the shape it has."""
+    try:
+        chex.assert_rank(x, rank)
+    except AssertionError:
+        raise InputError(f"{message}; got shape {jnp.shape(x)}") from None
+
+
+def _shape(x, shape, message):
+    """chex's shape check, failing as `_rank` does."""
+    try:
+        chex.assert_shape(x, shape)
+    except AssertionError:
+        raise InputError(f"{message}; got shape {jnp.shape(x)}, expected {tuple(shape)}") from None
+
+
 def _check_reduction(fn, reduction):
     if reduction not in REDUCTIONS:
-        raise ValueError(f"{fn}: reduction={reduction!r}; expected 'mean' or 'per_example'")
+        raise InputError(f"{fn}: reduction={reduction!r}; pass reduction='mean' (a scalar) or "
+                         "'per_example' ([B])")
 
 
 def _check_range(fn, name, value, low, high, high_open=True):
-    """A ValueError at trace time when a known scalar option lies outside its range."""
+    """An InputError at trace time when a known scalar option lies outside its range."""
     v = _static_value(value)
     if v is None:
         return
     above = v >= high if high_open else v > high
     if not (v >= low) or above:  # `not >=` also catches NaN
         bracket = ")" if high_open else "]"
-        raise ValueError(f"{fn}: {name}={value} must lie in [{low}, {high}{bracket}")
+        raise InputError(f"{fn}: {name}={value} must lie in [{low}, {high}{bracket}")
 
 
 def _check_positive(fn, name, value):
     v = _static_value(value)
     if v is not None and not v > 0:
-        raise ValueError(f"{fn}: {name}={value} must be positive")
+        raise InputError(f"{fn}: {name}={value} must be positive")
 
 
 def _check_token_inputs(fn, logits, targets, weights=None):
     """logits [B, T, V], targets [B, T], weights [B, T]."""
-    chex.assert_rank(logits, 3, custom_message=f"{fn}: logits must be [B, T, V]")
-    chex.assert_shape(targets, logits.shape[:2],
-                      custom_message=f"{fn}: targets must be [B, T] (logits.shape[:2])")
+    _rank(logits, 3, message=f"{fn}: logits must be [B, T, V]")
+    _shape(targets, logits.shape[:2],
+           message=f"{fn}: targets must be [B, T] (logits.shape[:2])")
     if weights is not None:
-        chex.assert_shape(weights, logits.shape[:2],
-                          custom_message=f"{fn}: weights must be [B, T], the shape of targets")
+        _shape(weights, logits.shape[:2],
+               message=f"{fn}: weights must be [B, T], the shape of targets")
 
 
 def _check_same(fn, rank, shape_doc, **arrays):
     """Every array has rank `rank` and the shape of the first one."""
     (first_name, first), *rest = [(k, v) for k, v in arrays.items() if v is not None]
-    chex.assert_rank(first, rank, custom_message=f"{fn}: {first_name} must be {shape_doc}")
+    _rank(first, rank, message=f"{fn}: {first_name} must be {shape_doc}")
     for name, x in rest:
-        chex.assert_shape(x, first.shape,
-                          custom_message=f"{fn}: {name} must be {shape_doc}, the shape of {first_name}")
+        _shape(x, first.shape,
+               message=f"{fn}: {name} must be {shape_doc}, the shape of {first_name}")
 
 
 def _valid_weights(weights, targets):
@@ -142,12 +164,13 @@ def masked_mean(values, weights=None, normalizer=None, *, reduction="mean"):
         denominator = jnp.where(denominator > 0, denominator, 1.0)
     else:
         denominator = _float(normalizer)
-        chex.assert_rank(denominator, 0, custom_message="masked_mean: normalizer must be a scalar")
+        _rank(denominator, 0, message="masked_mean: normalizer must be a scalar")
         denominator = jnp.where(denominator != 0, denominator, 1.0)
     denominator = denominator.astype(weighted.dtype)  # a Python normalizer never widens
     if reduction == "per_example":
         if weighted.ndim == 0:
-            raise ValueError("masked_mean: reduction='per_example' needs values [B, ...], got a scalar")
+            raise InputError("masked_mean: reduction='per_example' needs values [B, ...], got a scalar; "
+                             "pass reduction='mean' for a scalar")
         return jnp.sum(weighted, axis=tuple(range(1, weighted.ndim))) / denominator
     return jnp.sum(weighted) / denominator
 
@@ -212,9 +235,8 @@ def token_logprobs(logits, targets):
         jax_enable_x64).
     """
     logits, targets = jnp.asarray(logits), jnp.asarray(targets)
-    chex.assert_shape(targets, logits.shape[:-1],
-                      custom_message="token_logprobs: targets must be logits.shape[:-1], e.g. [B, T] "
-                                     "for logits [B, T, V]")
+    _shape(targets, logits.shape[:-1],
+           message="token_logprobs: targets must be logits.shape[:-1], e.g. [B, T] for logits [B, T, V]")
     log_probs = jax.nn.log_softmax(_float(logits), axis=-1)
     # A select, not a multiply by the one-hot: -inf log-probs (masked vocab
     # entries) would give -inf * 0 = NaN.
@@ -331,10 +353,10 @@ def mlm_mask(rng, tokens, *, mask_id, vocab_size, mask_prob=0.15, can_mask=None)
         Language Understanding <https://arxiv.org/abs/1810.04805>`_, 2019
     """
     tokens = jnp.asarray(tokens)
-    chex.assert_rank(tokens, 2, custom_message="mlm_mask: tokens must be [B, T]")
+    _rank(tokens, 2, message="mlm_mask: tokens must be [B, T]")
     if can_mask is not None:
-        chex.assert_shape(can_mask, tokens.shape,
-                          custom_message="mlm_mask: can_mask must be [B, T], the shape of tokens")
+        _shape(can_mask, tokens.shape,
+               message="mlm_mask: can_mask must be [B, T], the shape of tokens")
     choose_key, action_key, random_key = jax.random.split(rng, 3)
     chosen = jax.random.bernoulli(choose_key, mask_prob, tokens.shape)
     if can_mask is not None:
@@ -398,8 +420,8 @@ def token_kl(logits, ref_logits):
         inputs).
     """
     logits, ref_logits = jnp.asarray(logits), jnp.asarray(ref_logits)
-    chex.assert_shape(ref_logits, logits.shape,
-                      custom_message="token_kl: ref_logits must have the shape of logits")
+    _shape(ref_logits, logits.shape,
+           message="token_kl: ref_logits must have the shape of logits")
     log_p = jax.nn.log_softmax(_float(logits), axis=-1)
     log_q = jax.nn.log_softmax(_float(ref_logits), axis=-1)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
@@ -424,7 +446,7 @@ def sft_loss(logits, targets, weights, ref_logits=None, *, kl_coef=0.0, normaliz
         ref_logits: optional [B, T, V] logits of the reference model.
         kl_coef: KL coefficient. Without `ref_logits` it must be 0: a known
             non-zero value (Python, numpy or concrete JAX scalar) raises
-            ValueError, and so does a traced one, which cannot be checked.
+            InputError, and so does a traced one, which cannot be checked.
         normalizer: optional scalar denominator D (e.g. the global weight sum).
         reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
             of L; they sum to L).
@@ -443,17 +465,17 @@ def sft_loss(logits, targets, weights, ref_logits=None, *, kl_coef=0.0, normaliz
     weights = _valid_weights(weights, targets)
     per_token = -token_logprobs(logits, targets)
     if ref_logits is not None:
-        chex.assert_shape(ref_logits, logits.shape,
-                          custom_message="sft_loss: ref_logits must be [B, T, V], the shape of logits")
+        _shape(ref_logits, logits.shape,
+               message="sft_loss: ref_logits must be [B, T, V], the shape of logits")
         kl = token_kl(logits, jax.lax.stop_gradient(ref_logits))
         per_token = per_token + kl_coef * kl
     else:
         value = _static_value(kl_coef)
         if value is None:
-            raise ValueError("sft_loss: kl_coef is a traced value, so it cannot be checked to be 0 "
+            raise InputError("sft_loss: kl_coef is a traced value, so it cannot be checked to be 0 "
                              "without ref_logits; pass ref_logits, or leave kl_coef at 0")
         if value != 0:
-            raise ValueError(f"sft_loss: kl_coef={kl_coef} needs ref_logits (without them the KL "
+            raise InputError(f"sft_loss: kl_coef={kl_coef} needs ref_logits (without them the KL "
                              "term would be dropped)")
     return masked_mean(per_token, weights, normalizer, reduction=reduction)
 
@@ -503,8 +525,8 @@ def reward_model_loss(chosen_rewards, rejected_rewards, *, margin=None, weights=
     if margin is not None:
         margin = _float(margin)
         if margin.ndim:
-            chex.assert_shape(margin, diff.shape,
-                              custom_message="reward_model_loss: margin must be a scalar or [B]")
+            _shape(margin, diff.shape,
+                   message="reward_model_loss: margin must be a scalar or [B]")
         diff = diff - margin.astype(diff.dtype)
     return masked_mean(-jax.nn.log_sigmoid(diff), weights, normalizer, reduction=reduction)
 
@@ -561,7 +583,7 @@ def dpo_loss(
         beta: inverse temperature (> 0): strength of the implicit KL constraint.
         label_smoothing: cDPO label-noise rate in [0, 0.5). A value known at
             trace time (Python or numpy number) outside the range raises
-            ValueError; a traced value is not checked.
+            InputError; a traced value is not checked.
         weights: optional [B] pair weights w (0 for padding pairs).
         normalizer: optional scalar denominator D.
         reduction: "mean" (the scalar L) or "per_example" ([B], each pair's share
@@ -841,8 +863,8 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
     """
     _check_rollout("kl_penalized_rewards", logprobs=logprobs, ref_logprobs=ref_logprobs,
                    weights=weights)
-    chex.assert_shape(scores, jnp.shape(logprobs)[:1],
-                      custom_message="kl_penalized_rewards: scores must be [B] (logprobs.shape[:1])")
+    _shape(scores, jnp.shape(logprobs)[:1],
+           message="kl_penalized_rewards: scores must be [B] (logprobs.shape[:1])")
     real = jnp.asarray(weights) > 0
     log_ratio = _float(logprobs) - _float(ref_logprobs)
     rewards = jnp.where(real, -kl_coef * log_ratio, 0.0)
@@ -859,7 +881,8 @@ def kl_penalized_rewards(scores, logprobs, ref_logprobs, weights, *, kl_coef):
 
 
 def classification_loss(logits, labels, weights=None, *, normalizer=None, reduction="mean"):
-    """Cross-entropy of class logits against integer labels (seed 003).
+    """Cross-entropy of class logits against integer labels (BERT's fine-tuning loss,
+    Devlin et al. 2019, arXiv:1810.04805).
 
         L = -sum_b w_b log softmax(logits_b)_{y_b} / D,   D = normalizer or sum_b w_b
 
@@ -885,13 +908,13 @@ def classification_loss(logits, labels, weights=None, *, normalizer=None, reduct
     """
     _check_reduction("classification_loss", reduction)
     logits, labels = jnp.asarray(logits), jnp.asarray(labels)
-    chex.assert_rank(logits, 2, custom_message="classification_loss: logits must be [B, C]")
-    chex.assert_shape(labels, logits.shape[:1],
-                      custom_message="classification_loss: labels must be [B] (logits.shape[:1])")
+    _rank(logits, 2, message="classification_loss: logits must be [B, C]")
+    _shape(labels, logits.shape[:1],
+           message="classification_loss: labels must be [B] (logits.shape[:1])")
     if weights is None:
         weights = jnp.ones(labels.shape, jnp.float32)
-    chex.assert_shape(weights, labels.shape,
-                      custom_message="classification_loss: weights must be [B], the shape of labels")
+    _shape(weights, labels.shape,
+           message="classification_loss: weights must be [B], the shape of labels")
     weights = _valid_weights(weights, labels)
     return masked_mean(-token_logprobs(logits, labels), weights, normalizer, reduction=reduction)
 

@@ -22,6 +22,7 @@ from absl.testing import parameterized
 from jax.test_util import check_grads
 
 from llm_jax import losses
+from llm_jax.errors import InputError
 
 RTOL, ATOL = 1e-5, 1e-6
 B, T, V = 4, 7, 11
@@ -624,7 +625,7 @@ def test_sft_ref_logits_get_no_gradient(lm_batch):
     "kl_coef", [0.1, np.float32(0.1), np.float64(0.1), jnp.float32(0.1), np.array(0.1)],
     ids=["python", "np.float32", "np.float64", "jnp.float32", "np.array"])
 def test_sft_kl_coef_without_ref_logits_raises(lm_batch, kl_coef):
-    with pytest.raises(ValueError, match="kl_coef=0.1.* needs ref_logits"):
+    with pytest.raises(InputError, match="kl_coef=0.1.* needs ref_logits"):
         losses.sft_loss(*lm_batch, kl_coef=kl_coef)
     # Zero in any of these types is fine.
     losses.sft_loss(*lm_batch, kl_coef=kl_coef * 0)
@@ -632,7 +633,7 @@ def test_sft_kl_coef_without_ref_logits_raises(lm_batch, kl_coef):
 
 def test_sft_traced_kl_coef_without_ref_logits_raises_at_trace_time(lm_batch):
     fn = jax.jit(lambda kl_coef: losses.sft_loss(*lm_batch, kl_coef=kl_coef))
-    with pytest.raises(ValueError, match="kl_coef is a traced value"):
+    with pytest.raises(InputError, match="kl_coef is a traced value"):
         fn(0.1)
     # With ref_logits a traced kl_coef is what a schedule needs.
     fn = jax.jit(lambda kl_coef: losses.sft_loss(*lm_batch, make_ref_logits(), kl_coef=kl_coef))
@@ -721,16 +722,16 @@ def test_dpo_reference_gets_no_gradient(pairs):
 
 @pytest.mark.parametrize("label_smoothing", [0.5, 0.7, -0.1, np.float32(0.5), float("nan")])
 def test_dpo_label_smoothing_out_of_range_raises_at_trace_time(pairs, label_smoothing):
-    with pytest.raises(ValueError, match=r"label_smoothing=.* must lie in \[0.0, 0.5\)"):
+    with pytest.raises(InputError, match=r"label_smoothing=.* must lie in \[0.0, 0.5\)"):
         losses.dpo_loss(*pairs, label_smoothing=label_smoothing)
-    with pytest.raises(ValueError, match="label_smoothing"):
+    with pytest.raises(InputError, match="label_smoothing"):
         jax.jit(functools.partial(losses.dpo_loss, label_smoothing=label_smoothing))(*pairs)
 
 
 @pytest.mark.parametrize("fn", [losses.dpo_loss, losses.ipo_loss])
 def test_preference_beta_must_be_positive(pairs, fn):
     for beta in (0.0, -0.1):
-        with pytest.raises(ValueError, match="beta=.* must be positive"):
+        with pytest.raises(InputError, match="beta=.* must be positive"):
             fn(*pairs, beta=beta)
 
 
@@ -972,7 +973,7 @@ def test_per_example_sums_to_the_loss(name, normalizer):
     assert_close(jnp.sum(rows), total)
     jitted = jax.jit(functools.partial(fn, **options, normalizer=normalizer, reduction="per_example"))
     assert_close(jitted(*arrays), rows)
-    with pytest.raises(ValueError, match="reduction='sum'"):
+    with pytest.raises(InputError, match="reduction='sum'"):
         fn(*arrays, **options, reduction="sum")
 
 
@@ -1069,7 +1070,7 @@ SHAPE_ERRORS = [
 def test_shape_errors_name_the_argument_at_trace_time(lm_batch, call, message):
     logits, targets, weights = lm_batch
     for wrap in (lambda f: f, jax.jit):
-        with pytest.raises(AssertionError, match=re.escape(message)):
+        with pytest.raises(InputError, match=re.escape(message) + ".*; got shape"):
             wrap(call)(logits, targets, weights)
 
 
@@ -1087,17 +1088,18 @@ def test_losses_registry():
     }
 
 
-def test_imports_only_jax_and_chex():
-    # No flax (or any other framework): the module imports jax, and chex for the
-    # argument checks, and nothing else.
+def test_imports_only_jax_chex_and_the_error_module():
+    # No flax (or any other framework): the module imports jax, chex for the
+    # argument checks, llm_jax.errors for the error they raise, and nothing else.
     tree = ast.parse(pathlib.Path(losses.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
+            imported |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module.split(".")[0])
-    assert imported == {"jax", "chex"}
+            imported.add(node.module)
+    assert {name.split(".")[0] for name in imported} == {"jax", "chex", "llm_jax"}
+    assert {name for name in imported if name.startswith("llm_jax")} == {"llm_jax.errors"}
 
 
 # ---------------------------------------------------------------------------
