@@ -214,13 +214,15 @@ class TrainConfig:
     checkpoint_every: int = 100  # async saves; the last step is always saved
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
-    # Loss-spike guard (seed 002: "manually backtrack the model every time the loss
-    # explodes"): a non-finite loss, or one above spike_factor x the median of the
-    # last spike_window losses and at least spike_min_increase nats above it, rolls
-    # back to the last checkpoint and skips the batches since; more than max_rollbacks
-    # within rollback_window steps stops the run. The absolute floor matters late in
-    # fine-tuning: at a median of 0.08 nats an ordinary harder batch (0.19) is 2.5x
-    # the median, and the ratio alone stopped a healthy SFT run.
+    # Loss-spike guard (as PaLM's training did: restart from a checkpoint before the spike
+    # and skip the batches around it; Chowdhery et al. 2022, "PaLM: Scaling Language
+    # Modeling with Pathways", arXiv:2204.02311): a non-finite loss, or one above
+    # spike_factor x the median of the last spike_window losses and at least
+    # spike_min_increase nats above it, rolls back to the last checkpoint and skips the
+    # batches since; more than max_rollbacks within rollback_window steps stops the run.
+    # The absolute floor matters late in fine-tuning: at a median of 0.08 nats an ordinary
+    # harder batch (0.19) is 2.5x the median, and the ratio alone stopped a healthy SFT
+    # run.
     spike_factor: float = 2.5  # 0 disables the median rule (non-finite losses still roll back)
     spike_min_increase: float = 0.5
     spike_window: int = 50
@@ -276,13 +278,13 @@ def _parse(value: str, typ: Any, key: str) -> Any:
         if value.lower() in ("none", "null"):
             return None
         return _parse(value, args[0], key)
+    if typ is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"--set {key}={value!r}: not a valid bool; use true or false (or 1/0, yes/no, on/off)")
     try:
-        if typ is bool:
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(value)
         if typ is int:
             return int(value)
         if typ is float:

@@ -1,10 +1,10 @@
 """Evaluations scored by programs, not by a guess.
 
-    icl_accuracy          zero-, one- and few-shot accuracy of a raw LM (seed 004)
+    icl_accuracy          zero-, one- and few-shot accuracy of a raw LM (Brown et al. 2020)
     instruction_accuracy  held-out built-in instructions, answered in the template
     win_rate              policy vs base on the same prompts, judged by a program,
                           plus a Monte-Carlo KL(pi_policy || pi_base) on the policy's samples
-    self_consistency      majority vote over sampled answers (seed 003)
+    self_consistency      majority vote over sampled answers (Wang et al. 2022)
 
 Every function takes (model config, params, tokenizer) and returns plain dicts
 of numbers (perplexity is `experiments.pretrain.heldout_loss`). Prompts are
@@ -21,6 +21,10 @@ A probe whose prompt plus answer budget does not fit `model.max_len` is not
 run: it is counted under "skipped" and left out of every accuracy (None when
 nothing of a group fits). With a small context the few-shot numbers of long
 tasks (format) can be missing; the counts say so.
+
+Brown et al. 2020, "Language Models are Few-Shot Learners", arXiv:2005.14165;
+Wang et al. 2022, "Self-Consistency Improves Chain of Thought Reasoning in
+Language Models", arXiv:2203.11171.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import numpy as np
 from llm_jax import generate, losses, model
 from llm_jax.config import ModelConfig
 from llm_jax.data import builtin, formats, preferences
+from llm_jax.errors import InputError
+from llm_jax.stages import reward
 
 GenerateFn = Callable[..., list[list[int]]]  # the signature of generate.generate
 Judge = Callable[[str, str], float]  # (prompt, response) -> score
@@ -63,7 +69,7 @@ def decode_batched(cfg: ModelConfig, params, prompts: Sequence[list[int]], *, ma
     left-padded width, so a jitted sampler compiles once. Batch i samples with
     fold_in(PRNGKey(seed), i)."""
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size}: must be at least 1")
+        raise InputError(f"batch_size={batch_size}: must be at least 1")
     if not prompts:
         return []
     rows = min(batch_size, len(prompts))
@@ -88,8 +94,9 @@ def _answer_budget(tok, answers: Sequence[str]) -> int:
 def _check_fits(cfg: ModelConfig, prompts: Sequence[list[int]], max_new_tokens: int) -> None:
     for i, p in enumerate(prompts):
         if len(p) + max_new_tokens > cfg.max_len:
-            raise ValueError(f"prompt {i} is {len(p)} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that exceeds model.max_len={cfg.max_len}")
+            raise InputError(f"prompt {i} is {len(p)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that exceeds model.max_len={cfg.max_len}: lower max_new_tokens or "
+                             "shorten the prompt")
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -100,7 +107,7 @@ def _check_tasks(tasks: Sequence[str] | None, known=builtin.TASKS) -> list[str]:
     tasks = sorted(tasks or known)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise ValueError(f"tasks {unknown}: unknown; built-in tasks are {sorted(known)}")
+        raise InputError(f"tasks {unknown}: unknown; pass built-in tasks from {sorted(known)}")
     return tasks
 
 
@@ -110,7 +117,7 @@ def _encode_prompt(tok, prompt: str, raw: bool) -> list[int]:
 
 
 # ---------------------------------------------------------------------------
-# In-context learning (seed 004): zero-, one-, few-shot on raw text
+# In-context learning (Brown et al. 2020, arXiv:2005.14165): zero-, one-, few-shot on raw text
 
 
 def icl_probes(task: str, shots: int, n: int, seed: int = 0) -> list[dict]:
@@ -121,7 +128,7 @@ def icl_probes(task: str, shots: int, n: int, seed: int = 0) -> list[dict]:
     one number for square), so their 0-shot probes repeat; `icl_accuracy`
     reports the number of distinct prompts."""
     if shots < 0 or n < 1:
-        raise ValueError(f"icl_probes: shots={shots} must be >= 0 and n={n} >= 1")
+        raise InputError(f"icl_probes: shots={shots} must be >= 0 and n={n} >= 1")
     rng = random.Random(f"icl|{seed}|{task}|{shots}")
     return [builtin.icl_probe(rng, task, shots, split="eval") for _ in range(n)]
 
@@ -182,7 +189,7 @@ def icl_accuracy(cfg: ModelConfig, params, tok, *, shots: Sequence[int] = (0, 1,
 def instruction_records(per_task: int, seed: int = 0, tasks: Sequence[str] | None = None) -> list[dict]:
     """`per_task` held-out `builtin.sft_record`s of each task ({"prompt", "response", "task", "query"})."""
     if per_task < 1:
-        raise ValueError(f"per_task={per_task}: must be at least 1")
+        raise InputError(f"per_task={per_task}: must be at least 1")
     out = []
     for task in _check_tasks(tasks):
         rng = random.Random(f"instruction|{seed}|{task}")
@@ -261,13 +268,14 @@ def builtin_judge(prompt: str, response: str) -> float:
       response names the concept. `is_plain` alone only checks for jargon
       markers, so an empty or off-topic answer would pass it; every plain
       reference answer names its concept.
-    Any other prompt: ValueError (no silent zero)."""
+    Any other prompt: InputError (no silent zero)."""
     score = builtin.score_instruction(prompt, response)
     if score is not None:
         return score
     found = _preference_prompts().get(prompt.strip())
     if found is None:
-        raise ValueError(f"builtin_judge has no rule for the prompt {prompt!r}")
+        raise InputError(f"builtin_judge has no rule for the prompt {prompt!r}: it judges the built-in "
+                         "instructions and preference prompts only; pass your own judge for other prompts")
     kind, concept = found
     if kind == "polite":
         return float(preferences.is_polite(response))
@@ -297,10 +305,8 @@ def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Seq
     (as trained: the value at its last token, plus the likelihood term of a
     likelihood model); a pair longer than model.max_len is
     skipped and counted."""
-    from llm_jax.stages import reward  # the stage imports nothing from here; keep evals light to import
-
     if not records:
-        raise ValueError("pairwise_accuracy_by_kind: no records")
+        raise InputError("pairwise_accuracy_by_kind: no records; pass at least one preference pair")
     heads = [formats.prompt_tokens(tok, r["prompt"]) for r in records]
     pairs = [[h + tok.encode(r[side]) for side in ("chosen", "rejected")] for h, r in zip(heads, records)]
     fits = [max(map(len, p)) <= cfg.max_len for p in pairs]
@@ -308,7 +314,8 @@ def pairwise_accuracy_by_kind(cfg: ModelConfig, reward_params, tok, records: Seq
     records = [r for r, ok in zip(records, fits) if ok]
     starts = [len(h) for h, ok in zip(heads, fits) if ok for _ in range(2)]  # where each response begins
     if not records:
-        raise ValueError(f"pairwise_accuracy_by_kind: no pair fits model.max_len={cfg.max_len}")
+        raise InputError(f"pairwise_accuracy_by_kind: no pair of the {len(fits)} fits model.max_len="
+                         f"{cfg.max_len}; pass shorter pairs or use a model with a longer context")
     seqs = [s for p, ok in zip(pairs, fits) if ok for s in p]
     scores = np.concatenate([np.asarray(reward.score_sequences(cfg, reward_params, seqs[i:i + batch_size],
                                                                response_starts=starts[i:i + batch_size],
@@ -347,9 +354,9 @@ def response_logprobs(cfg: ModelConfig, params, prompts: Sequence[list[int]],
     Rows are right-padded (a causal model's earlier positions never see the
     padding) to one width, and every batch has the same rows: one compile."""
     if temperature <= 0:
-        raise ValueError(f"temperature={temperature}: log-probs need a temperature > 0")
+        raise InputError(f"temperature={temperature}: log-probs need a temperature > 0")
     if len(prompts) != len(responses):
-        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        raise InputError(f"{len(prompts)} prompts but {len(responses)} responses; pass one response per prompt")
     if not prompts:
         return []
     seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
@@ -390,7 +397,7 @@ def win_rate(cfg: ModelConfig, policy_params, base_params, tok, prompts: Sequenc
     Returns {"win_rate", "tie_rate", "loss_rate", "policy_score", "base_score",
     "kl_to_base", "num_prompts", "samples": the first `num_samples` pairs}."""
     if samples < 1 or not prompts:
-        raise ValueError(f"win_rate needs prompts and samples >= 1 (got {len(prompts)} prompts, "
+        raise InputError(f"win_rate needs prompts and samples >= 1 (got {len(prompts)} prompts, "
                          f"samples={samples})")
     ids = [_encode_prompt(tok, p, raw) for p in prompts]
     _check_fits(cfg, ids, max_new_tokens)
@@ -429,7 +436,7 @@ def win_rate(cfg: ModelConfig, policy_params, base_params, tok, prompts: Sequenc
 
 
 # ---------------------------------------------------------------------------
-# Self-consistency (seed 003): majority vote over sampled answers
+# Self-consistency (Wang et al. 2022, arXiv:2203.11171): majority vote over sampled answers
 
 
 def normalize_answer(text: str) -> str:
@@ -442,7 +449,7 @@ def normalize_answer(text: str) -> str:
 def majority_vote(answers: Sequence[str]) -> str:
     """The most frequent normalized answer; a tie goes to the one sampled first."""
     if not answers:
-        raise ValueError("majority_vote needs at least one answer")
+        raise InputError("majority_vote needs at least one answer")
     # Counter.most_common keeps first-seen order among equal counts
     return collections.Counter(normalize_answer(a) for a in answers).most_common(1)[0][0]
 
@@ -454,7 +461,7 @@ def sampled_answers(cfg: ModelConfig, params, tok, prompts: Sequence[str], *, sa
     """`samples` answers per prompt: the response up to eos (instruction
     template) or, with raw, the continuation up to its first newline."""
     if samples < 1:
-        raise ValueError(f"samples={samples}: must be at least 1")
+        raise InputError(f"samples={samples}: must be at least 1")
     ids = [_encode_prompt(tok, p, raw) for p in prompts]
     _check_fits(cfg, ids, max_new_tokens)
     rows = [x for x in ids for _ in range(samples)]

@@ -30,15 +30,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from llm_jax import checkpoint, cli, model
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax.config import ModelConfig
 from llm_jax.data import formats
-from llm_jax.data.tokenizer import TokenizerError, check_vocab_fits, load_tokenizer
+from llm_jax.data.tokenizer import check_vocab_fits, load_tokenizer
+from llm_jax.errors import ConfigError, InputError, TokenizerError
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, pad_to: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """-> tokens [B, P] and a 0/1 real-token mask [B, P], P = max(longest prompt, pad_to)."""
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
+        empty = "no prompts" if not prompts else f"prompt {[len(p) for p in prompts].index(0)} is empty"
+        raise InputError(f"{empty}: every prompt needs at least one token (e.g. the tokenizer's bos)")
     width = max(pad_to, max(len(p) for p in prompts))
     tokens = np.full((len(prompts), width), pad_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
@@ -128,14 +130,19 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], *, max_new_t
     row shorter than `max_new_tokens` stopped at eos). `pad_to` left-pads to at
     least that width: calls with the same (rows, width) reuse one compiled
     program, which matters when an evaluation runs many batches."""
-    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-        raise ValueError(f"bad sampling settings: temperature={temperature}, top_k={top_k}, top_p={top_p}")
+    if temperature < 0:
+        raise InputError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if not 0.0 < top_p <= 1.0:
+        raise InputError(f"top_p={top_p}: must lie in (0, 1] (1 keeps every token)")
+    if top_k < 0:
+        raise InputError(f"top_k={top_k}: must be >= 0 (0 keeps every token)")
     if max_new_tokens < 1:  # _sample reads its first key before any step: it used to fail with an IndexError
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+        raise InputError(f"max_new_tokens={max_new_tokens}: must be at least 1")
+    tokens, mask = left_pad(prompts, pad_id, pad_to)
     longest = max(len(p) for p in prompts) + max_new_tokens
     if config.positions == "learned" and longest > config.max_len:
-        raise ValueError(f"prompt + max_new_tokens = {longest} exceeds model.max_len={config.max_len}")
-    tokens, mask = left_pad(prompts, pad_id, pad_to)
+        raise InputError(f"prompt + max_new_tokens = {longest} exceeds model.max_len={config.max_len}; "
+                         "shorten the prompt or lower max_new_tokens")
     rng = jax.random.PRNGKey(0) if rng is None else rng
     out = np.asarray(_sample(config, params, jnp.asarray(tokens), jnp.asarray(mask), rng,
                              max_new_tokens=max_new_tokens, temperature=float(temperature),

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax import splash
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax.config import ModelConfig
+from llm_jax.errors import ConfigError, InputError
 from llm_jax.sharding import constrain_activations, gather_embedding_table, target_platform
 
 Params = dict[str, Any]
@@ -194,7 +195,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
       CPU: XLA (splash would run in the slow Pallas interpreter).
     """
     if mask is not None and segment_ids is not None:
-        raise ValueError("attention takes a dense mask or segment_ids, not both")
+        raise InputError("attention: got both mask and segment_ids; pass one (segment_ids build the "
+                         "mask themselves)")
     if impl == "auto":
         platform = target_platform()
         if platform == "tpu" and mask is None and splash.fits(q.shape[1], k.shape[1], q.dtype):
@@ -206,7 +208,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
             impl = "xla"
     if impl == "splash":
         if mask is not None:
-            raise ValueError("attention(impl='splash') takes segment_ids and causal, not a dense mask")
+            raise InputError("attention(impl='splash') got a dense mask; pass segment_ids and causal "
+                             "instead, or impl='xla'")
         return splash.attention(q, k, v, segment_ids, causal=causal, scale=scale)
     if segment_ids is not None:
         slots = jnp.arange(q.shape[1])
@@ -275,8 +278,8 @@ def activation(config: ModelConfig, x: jax.Array) -> jax.Array:
         return gelu_tanh(x)
     if config.mlp == "gelu_exact":
         return jax.nn.gelu(x, approximate=False)
-    raise ValueError(f"model.mlp={config.mlp!r} has no single activation function (expected 'gelu' or "
-                     "'gelu_exact'; 'swiglu' is a gated MLP)")
+    raise ConfigError(f"model.mlp={config.mlp!r} has no single activation function (expected 'gelu' or "
+                      "'gelu_exact'; 'swiglu' is a gated MLP)")
 
 
 def block(config: ModelConfig, p: Params, x: jax.Array, *, positions: jax.Array,
@@ -412,8 +415,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, *,
         type_embed = params["type_embed"].astype(dtype)
         x = x + (type_embed[0] if token_types is None else type_embed[token_types])
     elif token_types is not None:
-        raise ValueError("token_types given, but this model has no token-type embeddings "
-                         "(model.type_vocab_size=0)")
+        raise InputError("token_types given, but this model has no token-type embeddings "
+                         "(model.type_vocab_size=0); drop token_types or set model.type_vocab_size")
     if c.norm_position == "post":
         x = norm(c, params["embed_norm"], x)
     emb_rng, layer_rng = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
@@ -558,12 +561,12 @@ def apply_with_cache(config: ModelConfig, params: Params, tokens: jax.Array, cac
     (`index`) is a traced value; the cache's own segment ids are a dense mask
     anyway, and a [B, 1, T, S] mask with T=1 is small."""
     if not config.causal:
-        raise ValueError("a KV cache needs a causal (decoder) model; this config has causal=False")
+        raise ConfigError("a KV cache needs a causal (decoder) model; this config has model.causal=False")
     slots = cache["segment_ids"].shape[1]
     if not isinstance(cache["index"], jax.core.Tracer) and int(cache["index"]) + tokens.shape[1] > slots:
         # Under jit this cannot be checked; outside it, an overflow would silently
         # overwrite earlier slots (dynamic_update_slice clamps its start).
-        raise ValueError(f"KV cache overflow: {int(cache['index'])} slots used + {tokens.shape[1]} new "
+        raise InputError(f"KV cache overflow: {int(cache['index'])} slots used + {tokens.shape[1]} new "
                          f"tokens > {slots} slots; make the cache longer (init_cache(length=...))")
     hidden, cache = forward(config, params, tokens, positions=positions, segment_ids=segment_ids,
                             cache=cache)

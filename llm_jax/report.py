@@ -17,6 +17,9 @@ import os
 import warnings
 from typing import Any, Iterable, Mapping
 
+from llm_jax.errors import InputError
+from llm_jax.rundir import is_primary
+
 Series = list[tuple[int, float]]
 
 # Which metrics the RL figures show, by stage directory name: (panel title, metric
@@ -150,7 +153,6 @@ def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
     the stage's name is the directory's base name. A figure with nothing to show
     is not written. Only the primary process writes. The returned paths are absolute.
     """
-    from llm_jax.rundir import is_primary
     if not is_primary():
         return []
     # Absolute paths out: write_report takes a relative image path inside workdir,
@@ -201,10 +203,10 @@ def results_table(rows: Iterable[Mapping[str, Any]]) -> str:
              "|---|---|---:|---:|---:|"]
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
-            raise ValueError(f"report row {i} must be a dict with keys {ROW_KEYS}, got {row!r}")
+            raise InputError(f"report row {i} must be a dict with keys {ROW_KEYS}, got {row!r}")
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
-            raise ValueError(f"report row {i} ({row.get('stage', '?')}) lacks {missing}; "
+            raise InputError(f"report row {i} ({row.get('stage', '?')}) lacks {missing}; "
                              f"rows need {ROW_KEYS} (use None for 'before' when there is none)")
         lines.append(f"| {_cell(row['stage'])} | {_cell(row['metric'])} | {_cell(row['before'])} "
                      f"| {_cell(row['after'])} | {_cell(row['seconds'], '.1f')} |")
@@ -218,7 +220,6 @@ def write_report(workdir: str, rows: Iterable[Mapping[str, Any]], curves: Iterab
     `rows`, then each image of `curves` (PNG paths, e.g. from `plot_curves`) linked
     relative to the report, then `sections` ({heading: markdown text}) in order.
     Only the primary process writes (atomically)."""
-    from llm_jax.rundir import is_primary
     path = path if os.path.isabs(path) else os.path.join(workdir, path)
     parts = [f"# {title}", "", results_table(rows), ""]
     here = os.path.dirname(os.path.abspath(path))

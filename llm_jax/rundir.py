@@ -1,4 +1,5 @@
-"""The run directory contract (DESIGN.md "Runs, stages and checkpoints").
+"""The run directory contract (README "Runs: resume, spikes, several processes";
+docs/reliability.md says what it promises).
 
     DIR/run.json              what ran: config, package versions, git revision
     DIR/tokenizer/            the tokenizer every stage uses

@@ -26,6 +26,7 @@ import optax
 
 from llm_jax import sharding
 from llm_jax.config import OptimizerConfig
+from llm_jax.errors import InputError
 
 Params = Any
 LossFn = Callable[[Params, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
@@ -113,7 +114,9 @@ def split_microbatches(batch: dict, n: int) -> dict:
     device when the batch is sharded over its first axis: no data moves."""
     def split(x):
         if x.shape[0] % n:
-            raise ValueError(f"batch of {x.shape[0]} rows does not split into {n} microbatches")
+            raise InputError(f"a batch of {x.shape[0]} rows does not split into {n} microbatches; "
+                             "pass a number of microbatches that divides the rows (train.microbatches "
+                             "must divide train.batch_size)")
         return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
     return jax.tree.map(split, batch)
 

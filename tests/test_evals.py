@@ -16,6 +16,7 @@ from llm_jax import evals, model
 from llm_jax.config import ModelConfig, preset
 from llm_jax.data import builtin, preferences
 from llm_jax.data.tokenizer import ByteTokenizer
+from llm_jax.errors import InputError
 
 TESTS = pathlib.Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -215,7 +216,7 @@ def test_builtin_judge_prefers_chosen_on_every_kind():
                 assert evals.builtin_judge(r["prompt"], r["chosen"]) == 1.0, r
                 assert evals.builtin_judge(r["prompt"], r["rejected"]) == 0.0, r
     assert evals.builtin_judge("Explain what a cache is.", "") == 0.0  # no jargon, but no answer either
-    with pytest.raises(ValueError, match="no rule for the prompt"):
+    with pytest.raises(InputError, match="no rule for the prompt"):
         evals.builtin_judge("Tell me a joke.", "no")
 
 
@@ -285,7 +286,7 @@ def test_majority_vote_by_hand():
     assert evals.majority_vote(["1081", "1081", "981", "1081", "1081"]) == "1081"  # seed 003's example
     assert evals.majority_vote(["b", "a", "a", "b"]) == "b"  # a tie goes to the first sampled
     assert evals.majority_vote([" 1 2  3", "1 2 3 ", "3 2 1"]) == "1 2 3"
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError, match="at least one answer"):
         evals.majority_vote([])
 
 

@@ -26,6 +26,7 @@ import pytest
 
 from llm_jax import generate, model
 from llm_jax.config import preset
+from llm_jax.errors import InputError
 
 TESTS = pathlib.Path(__file__).resolve().parent
 if str(TESTS) not in sys.path:
@@ -156,9 +157,9 @@ def test_stops_at_eos_and_validates_settings():
     want = reference_greedy(name, eos_id=full[k])
     assert want[0] == full[:k] and want != reference_greedy(name)
     assert generate.generate(cfg, params, PROMPTS, max_new_tokens=NEW, eos_id=full[k]) == want
-    with pytest.raises(ValueError, match="top_p"):
+    with pytest.raises(InputError, match="top_p"):
         generate.generate(cfg, params, PROMPTS, max_new_tokens=2, top_p=0.0)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(InputError, match="at least one token"):
         generate.generate(cfg, params, [[]], max_new_tokens=2)
-    with pytest.raises(ValueError, match="max_new_tokens=0: must be at least 1"):
+    with pytest.raises(InputError, match="max_new_tokens=0: must be at least 1"):
         generate.generate(cfg, params, PROMPTS, max_new_tokens=0)

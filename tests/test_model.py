@@ -33,6 +33,7 @@ if str(TESTS) not in sys.path:
 
 from llm_jax import model  # noqa: E402
 from llm_jax.config import PRESETS, ConfigError, ModelConfig, apply_overrides, preset  # noqa: E402
+from llm_jax.errors import InputError  # noqa: E402
 
 import reference_model as ref  # noqa: E402
 
@@ -362,7 +363,7 @@ def test_kv_cache_left_padded_batch():
 def test_kv_cache_rejects_encoder():
     cfg = make_config(causal=False)
     params = random_params(cfg)
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(ConfigError, match="model.causal=False"):
         model.apply_with_cache(cfg, params, jnp.zeros((1, 2), jnp.int32), model.init_cache(cfg, 1, 4))
 
 
@@ -612,7 +613,7 @@ def test_lm_head_transform_needs_a_gelu_mlp():
     # to give, and used to get erf GELU silently.
     with pytest.raises(ConfigError, match=r"lm_head_transform=True .* model.mlp, which is 'swiglu'"):
         model.init(ModelConfig(mlp="swiglu", lm_head_transform=True), jax.random.PRNGKey(0))
-    with pytest.raises(ValueError, match=r"model.mlp='swiglu' has no single activation"):
+    with pytest.raises(ConfigError, match=r"model.mlp='swiglu' has no single activation"):
         model.activation(ModelConfig(mlp="swiglu"), jnp.ones(3))
     x = np.linspace(-3.0, 3.0, 7)
     erf_gelu = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x])
@@ -729,7 +730,7 @@ def test_kv_cache_overflow_is_an_error_outside_jit():
     params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), params)
     cache = model.init_cache(cfg, batch=1, length=4)
     _, cache = model.apply_with_cache(cfg, params, jnp.ones((1, 3), jnp.int32), cache)
-    with pytest.raises(ValueError, match="KV cache overflow: 3 slots used \\+ 2 new tokens > 4"):
+    with pytest.raises(InputError, match="KV cache overflow: 3 slots used \\+ 2 new tokens > 4"):
         model.apply_with_cache(cfg, params, jnp.ones((1, 2), jnp.int32), cache)
 
 

@@ -1,4 +1,4 @@
-"""The built-in world: small procedurally generated tasks from the seeds.
+"""The built-in world: small procedurally generated tasks.
 
 Every task draws (query, answer) items from a seeded `random.Random` and has a
 program scorer (`SCORERS`: exact match, JSON equality or a verifier). Three
@@ -6,13 +6,17 @@ views of the same tasks feed the stages:
 
 * pretraining (`pretrain_documents`): several items of one task in the plain
   `query -> answer` format, one per line, so a model can only lower its loss
-  by picking up the pattern in context (seed 000: "A B C ... A B -> C"). The
-  instruction format never appears in pretraining text, so a base model
-  continues text rather than following instructions (seed 000's point).
+  by picking up the pattern in context (the induction pattern "A B ... A -> B"
+  of Olsson et al. 2022, "In-context Learning and Induction Heads",
+  arXiv:2209.11895). The instruction format never appears in pretraining text,
+  so a base model continues text rather than following instructions (the gap
+  instruction tuning closes: Ouyang et al. 2022, "Training language models to
+  follow instructions with human feedback", arXiv:2203.02155).
   Pretraining also has two rules that share another task's queries
   (`ICL_ONLY_TASKS`: German -> French beside German -> English, x -> 2x beside
   x -> x^2), so a bare `Auto ->` or `7 ->` does not say which rule is asked and
-  only the shots do: what in-context learning is (seed 004). Without them
+  only the shots do: what in-context learning is (Brown et al. 2020, "Language
+  Models are Few-Shot Learners", arXiv:2005.14165). Without them
   every query names its task by its shape, and shots could add nothing.
 * SFT (`sft_record`): the same items as instructions,
   "Translate Blume from German to English." -> "flower".
@@ -42,7 +46,9 @@ import json
 import random
 import re
 
-# A small German -> English table (seed 000).
+from llm_jax.errors import InputError
+
+# A small German -> English table.
 GERMAN_ENGLISH = {
     "Milch": "milk", "Butter": "butter", "Fenster": "window", "Blume": "flower",
     "Katze": "cat", "Hund": "dog", "Haus": "house", "Baum": "tree", "Buch": "book",
@@ -51,7 +57,7 @@ GERMAN_ENGLISH = {
     "Auto": "car", "Schule": "school", "Tür": "door", "Garten": "garden",
     "Käse": "cheese", "Stern": "star", "Berg": "mountain", "Fluss": "river",
 }
-# The same German words in French (seed 004's "Translate English to French"): a
+# The same German words in French (after Brown et al. 2020's "Translate English to French"): a
 # second table over the same queries, so `Auto ->` alone does not say which is asked.
 GERMAN_FRENCH = {
     "Milch": "lait", "Butter": "beurre", "Fenster": "fenêtre", "Blume": "fleur",
@@ -215,7 +221,7 @@ def draw_document(rng: random.Random, task: str, shots: int, split: str | None) 
     """`shots` items of one task, every item (open tasks) or the whole prompt
     (closed tasks; for "train" every prefix too) in `split`."""
     if split is not None and split not in SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+        raise InputError(f"split={split!r}: pass one of {SPLITS}, or None for any")
     if task not in CLOSED_TASKS:
         return [draw_item(rng, task, split) for _ in range(shots)]
     while True:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import random
 
 from llm_jax.data import builtin
+from llm_jax.errors import InputError
 
 CLASSES = ("same", "reverse", "sort")  # label = index into this tuple
 LETTERS = builtin.LETTERS.lower()
@@ -43,14 +44,14 @@ def apply_rule(rule: str, xs: list[str]) -> list[str]:
         return xs[::-1]
     if rule == "sort":
         return sorted(xs)
-    raise ValueError(f"unknown rule {rule!r}; expected one of {CLASSES}")
+    raise InputError(f"rule={rule!r}: unknown; pass one of {CLASSES}")
 
 
 def draw_query(rng: random.Random, split: str | None) -> list[str]:
     """3-6 distinct letters, neither ascending nor descending (so the three rules
     give three different answers), whose hash falls in `split` (None: any)."""
     if split is not None and split not in builtin.SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {builtin.SPLITS}")
+        raise InputError(f"split={split!r}: pass one of {builtin.SPLITS}, or None for any")
     while True:
         xs = rng.sample(LETTERS, rng.randint(*QUERY_LENGTHS))
         if xs == sorted(xs) or xs == sorted(xs, reverse=True):

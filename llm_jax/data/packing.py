@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.data.formats import Example
+from llm_jax.errors import InputError
 
 FIELDS = ("inputs", "targets", "weights", "positions", "segment_ids")
 PAIR_PREFIXES = ("chosen_", "rejected_")
@@ -43,7 +44,8 @@ class FirstFit:
     def place(self, lengths: Sequence[int]) -> tuple[int, int, tuple[int, ...]] | None:
         """(row, segment id, offsets per stream) or None."""
         if max(lengths) > self.seq_len:
-            raise ValueError(f"a sequence of {max(lengths)} slots cannot fit rows of {self.seq_len}")
+            raise InputError(f"a sequence of {max(lengths)} slots cannot fit rows of seq_len={self.seq_len}: "
+                             "truncate it to seq_len + 1 tokens (as pack_clm does) or use longer rows")
         for r, fill in enumerate(self.fill):
             if self.max_segments is not None and self.segments[r] >= self.max_segments:
                 continue
