@@ -48,6 +48,7 @@ import argparse
 import dataclasses
 import glob
 import importlib.metadata
+import json
 import math
 import os
 import re
@@ -61,7 +62,7 @@ import numpy as np
 from jax.extend.core import jaxprs_in_params
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llm_jax import generate, lora, model, plan, sharding, train
+from llm_jax import cli, generate, lora, model, plan, sharding, train
 from llm_jax.config import PRESETS, ConfigError, MeshConfig, ModelConfig, OptimizerConfig, apply_overrides, preset
 from llm_jax.data import packing
 from llm_jax.data.loader import DataConfig
@@ -769,10 +770,10 @@ def format_table(r: dict, s: AOTSettings) -> str:
 def _parse_mesh(text: str) -> MeshConfig:
     try:
         sizes = [int(x) for x in text.split(",")]
-        if len(sizes) != 3:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(f"--mesh {text!r}: expected three sizes DATA,FSDP,TENSOR (one may be -1)") from None
+    except ValueError:  # int("x"): reported below with the rest
+        sizes = []
+    if len(sizes) != 3:
+        raise ConfigError(f"--mesh {text!r}: expected three sizes DATA,FSDP,TENSOR (one may be -1), e.g. 1,4,1")
     return MeshConfig(*sizes)
 
 
@@ -797,17 +798,12 @@ def settings_from_args(argv: list[str] | None = None) -> AOTSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = settings_from_args(argv)
-        result = compile_stage(settings)
-    except (ConfigError, sharding.MeshError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    import json
+    settings = settings_from_args(argv)
+    result = compile_stage(settings)
     print(format_table(result, settings))
     print(json.dumps(result))
     return 0 if result["fits"] else 1  # as llm_jax.plan: scripts can test the exit status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

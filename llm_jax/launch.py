@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from llm_jax import cli
+
 ENV_COORDINATOR = "LLM_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "LLM_JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "LLM_JAX_PROCESS_ID"
@@ -56,28 +58,29 @@ def free_port() -> int:
 def launch(command: list[str], processes: int, devices_per_process: int, timeout: float | None = None,
            log_dir: str | None = None) -> int:
     """Runs `command` as `processes` local JAX processes; returns the first failure's exit code."""
-    port = free_port()
-    procs = []
-    for i in range(processes):
-        env = dict(os.environ)
-        env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
-                    ENV_PROCESS_ID: str(i), "JAX_PLATFORMS": "cpu"})
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
-        env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
-        out = None
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            out = open(os.path.join(log_dir, f"process_{i}.log"), "w")
-        procs.append(subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT if out else None))
-
     # SIGTERM / SIGINT to the launcher (a scheduler's stop, Ctrl-C) is passed on to
     # every worker, then the launcher waits for them: exiting alone would orphan
-    # workers still holding the workdir and the accelerators.
+    # workers still holding the workdir and the accelerators. Caught from before the
+    # first worker starts, so one that arrives while they start reaches them all.
     received: list[int] = []
     previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        port = free_port()
+        procs = []
+        for i in range(processes):
+            env = dict(os.environ)
+            env.update({ENV_COORDINATOR: f"127.0.0.1:{port}", ENV_NUM_PROCESSES: str(processes),
+                        ENV_PROCESS_ID: str(i), "JAX_PLATFORMS": "cpu"})
+            flags = [f for f in env.get("XLA_FLAGS", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count")]
+            env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"])
+            out = None
+            if log_dir:
+                os.makedirs(log_dir, exist_ok=True)
+                out = open(os.path.join(log_dir, f"process_{i}.log"), "w")
+            procs.append(subprocess.Popen(command, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT if out else None))
         return _supervise(procs, processes, timeout, received)
     finally:
         for sig, handler in previous.items():
@@ -147,4 +150,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

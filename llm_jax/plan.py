@@ -19,9 +19,12 @@ Llama-3-8B's layer at 4 layers; remat none/dots/full; fsdp, data x fsdp, fsdp x
 tensor; 1024 and 4096 tokens; pretrain and sft), between -19% (GPT-2, remat full,
 fsdp 4: XLA keeps more than the estimate's copies of its small output matrix while
 memory is plentiful) and +13%. Before these terms the estimate was off by up to
-+193% (remat dots at 4096 tokens: the [T, T] scores the splash kernel never stores). With libtpu installed,
-`--compile TOPOLOGY` also compiles the pretrain step for that slice and judges the
-fit by the compiler's own bytes (`llm_jax.aot`).
++193% (remat dots at 4096 tokens: the [T, T] scores the splash kernel never stores).
+
+For the compiler's own bytes, with libtpu installed, `python -m llm_jax.aot
+--stage pretrain --topology v5p:2x2x1 ...` compiles the same step for a TPU
+slice and prints them beside this estimate (aot builds on this module, so the
+planner itself never compiles).
 """
 
 from __future__ import annotations
@@ -35,8 +38,9 @@ import jax
 import numpy as np
 from jax.sharding import AbstractMesh
 
-from llm_jax import model, sharding, train
-from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, preset
+from llm_jax import cli, model, sharding, train
+from llm_jax.config import ModelConfig, OptimizerConfig, preset
+from llm_jax.errors import ConfigError
 
 GiB = 1024 ** 3
 
@@ -65,7 +69,7 @@ def sharded_bytes(tree, mesh) -> int:
 # outputs and what the elementwise ops between them need.
 # Fitted on GPT-2-124M and Llama-3.2-1B (benchmarks/PLAN_VS_COMPILER.md, all rows
 # within 20%). A small model (4 layers, d=512) without remat keeps less than 3.3x:
-# the planner then over-estimates it by 21-44% (tests/test_plan.py); use --compile.
+# the planner then over-estimates it by 21-44% (tests/test_plan.py); compile it with llm_jax.aot.
 KEPT_PER_LAYER = {"none": 3.3, "dots": 1.3}
 
 
@@ -151,19 +155,15 @@ def plan(cfg: ModelConfig, mesh, batch_size: int, seq_len: int,
                 activations=activation_bytes(cfg, mesh, batch_size, seq_len), param_count=count)
 
 
-def compiled_total(cfg: ModelConfig, sizes, batch_size: int, seq_len: int, topology: str) -> int | None:
-    """The TPU compiler's per-chip bytes (arguments + outputs + temp - alias) of the
-    pretrain step for the same settings (`llm_jax.aot`; raises ConfigError without
-    libtpu), None when the compiler refuses a step bigger than the chip's HBM. The
-    estimate is a formula; this is what XLA will allocate."""
-    from llm_jax import aot  # aot imports this module
-    from llm_jax.config import MeshConfig
-    r = aot.compile_stage(aot.AOTSettings(stage="pretrain", topology=topology, mesh=MeshConfig(*sizes),
-                                          batch_size=batch_size, seq_len=seq_len, model=cfg))
-    if r["per_chip_bytes"] is None:  # refused for want of HBM: more than the chip has
-        print(f"  the TPU compiler refuses the step for {topology}: {r['compile_error']}")
-        return None
-    return r["per_chip_bytes"]["total"]
+def _parse_mesh(text: str) -> list[int]:
+    """--mesh "1,64,4" -> [1, 64, 4]."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:  # int("x"): reported below with the rest
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ConfigError(f"--mesh {text!r}: expected three positive sizes data,fsdp,tensor, e.g. 1,8,1")
+    return sizes
 
 
 def main(argv=None) -> int:
@@ -175,24 +175,11 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default=None, help="compute dtype (default: the preset's)")
     p.add_argument("--remat", default=None, choices=["none", "full", "dots"])
     p.add_argument("--memory-gib", type=float, default=None, help="per-device memory to check against")
-    p.add_argument("--compile", default=None, metavar="TOPOLOGY",
-                   help="also compile the pretrain step for this TPU slice (e.g. v5p:2x2x1; needs libtpu) "
-                        "and judge the fit by the compiler's bytes instead of the estimate")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(x) for x in args.mesh.split(",")]
-        if len(sizes) != 3 or min(sizes) < 1:
-            raise ValueError
-    except ValueError:
-        print(f"error: --mesh {args.mesh!r}: expected three positive sizes data,fsdp,tensor", file=sys.stderr)
-        return 2
+    sizes = _parse_mesh(args.mesh)
     overrides = {k: v for k, v in (("dtype", args.dtype), ("remat", args.remat)) if v}
-    try:
-        cfg = preset(args.preset, **overrides)
-        result = plan(cfg, abstract_mesh(*sizes), args.batch_size, args.seq_len)
-    except (ConfigError, sharding.MeshError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = preset(args.preset, **overrides)
+    result = plan(cfg, abstract_mesh(*sizes), args.batch_size, args.seq_len)
     n = int(np.prod(sizes))
     print(f"{args.preset}: {result.param_count / 1e9:.3f}B params; mesh data={sizes[0]} fsdp={sizes[1]} "
           f"tensor={sizes[2]} ({n} devices); batch {args.batch_size} x {args.seq_len}; "
@@ -202,20 +189,8 @@ def main(argv=None) -> int:
     print(f"              gradients {result.gradients / GiB:5.2f} GiB")
     print(f"              activations ~{result.activations / GiB:4.2f} GiB  (estimate)")
     print(f"              total ~{result.total / GiB:8.2f} GiB")
-    total = result.total
-    if args.compile:
-        try:
-            total = compiled_total(cfg, sizes, args.batch_size, args.seq_len, args.compile)
-        except (ConfigError, sharding.MeshError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        if total is None:
-            print(f"  does NOT fit on {args.compile} (the compiler's verdict)")
-            return 1
-        print(f"  compiled for {args.compile} (XLA's memory analysis, one chip): {total / GiB:.2f} GiB; "
-              f"estimate / compiled = {result.total / total:.2f}")
     if args.memory_gib:
-        fits = total <= args.memory_gib * GiB
+        fits = result.total <= args.memory_gib * GiB
         print(f"  {'fits' if fits else 'does NOT fit'} in {args.memory_gib:g} GiB per device"
               + ("" if fits else "; try more fsdp, --remat full, or a smaller batch"))
         return 0 if fits else 1
@@ -223,4 +198,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from llm_jax import aot, lora, model, plan, sharding, train
+from llm_jax import aot, cli, lora, model, plan, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, preset
 from llm_jax.stages.ppo import PPOConfig
 
@@ -239,7 +239,7 @@ def run_cli(capsys, *args, preset_name="tiny", stage="pretrain", topology="v5p:2
             batch=str(B), seq=str(T)):
     argv = ["--preset", preset_name, "--stage", stage, "--topology", topology, "--mesh", mesh,
             "--batch-size", batch, "--seq-len", seq, *args]
-    code = aot.main(argv)
+    code = cli.run(lambda: aot.main(argv))  # as `python -m llm_jax.aot` runs it
     captured = capsys.readouterr()
     return code, captured.err.strip()
 
@@ -286,6 +286,9 @@ def test_settings_errors_name_the_field(capsys, no_compile):
     assert code == 2 and "exceeds model.max_len=64" in err
     code, err = run_cli(capsys, "--set", "ppo.rollout_batch=64", stage="ppo")
     assert code == 2 and "ppo.rollout_batch" in err and "--batch-size" in err
+    for mesh in ("1,4", "1,x,1"):
+        code, err = run_cli(capsys, mesh=mesh)
+        assert code == 2 and err == f"error: --mesh {mesh!r}: expected three sizes DATA,FSDP,TENSOR (one may be -1), e.g. 1,4,1"
 
 
 def test_missing_tpu_compiler_says_how_to_install(capsys, monkeypatch, no_compile):
