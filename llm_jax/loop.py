@@ -12,22 +12,39 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from llm_jax import sharding
 from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
 from llm_jax.errors import ConfigError, TrainingDiverged
-from llm_jax.progress import ProgressBar
 from llm_jax.rundir import MetricsLog, is_primary
-from llm_jax.tensorboard import SummaryWriter
+
+# tensorboardX's writer module imports torch whenever torch is installed (to accept
+# torch tensors), which costs every process that runs a stage about 0.8 s and a few
+# hundred MB; we log Python floats only, so torch is hidden while it is imported
+# (a missing torch is a case tensorboardX handles) unless something already loaded it.
+_HIDE_TORCH = "torch" not in sys.modules
+if _HIDE_TORCH:
+    sys.modules["torch"] = None  # `import torch` raises ImportError
+try:
+    from tensorboardX import SummaryWriter
+finally:
+    if _HIDE_TORCH:
+        del sys.modules["torch"]
+# A NaN scalar (the loss of a spike being rolled back) is logged on purpose, and the
+# loop's own text line reports it; tensorboardX would add a bare "NaN or Inf found".
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 
 @dataclasses.dataclass
@@ -111,6 +128,18 @@ def _skip(loader, n: int) -> None:
         next(loader)
 
 
+class _StepBar(tqdm):
+    """tqdm that is told the step reached rather than the steps done, so a rollback
+    moves the bar back (tqdm takes a negative update)."""
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if self.disable:
+            return
+        if loss is not None:
+            self.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        super().update(step - self.n)
+
+
 class _Reporter:
     """Where a stage's numbers go besides metrics.jsonl: a per-step progress bar and
     TensorBoard scalars in DIR/<stage>/tensorboard (both on the primary process only),
@@ -120,19 +149,22 @@ class _Reporter:
                  show_progress: bool):
         primary = is_primary()
         name = os.path.basename(os.path.normpath(stage_dir))
-        self.bar = ProgressBar(total, name, enabled=show_progress and primary, initial=initial)
+        # A terminal redraws in place 10 times a second; a log file or pipe gets an
+        # update every 30 s (and the last step on close), not one per step.
+        tty = sys.stderr.isatty()
+        self.bar = _StepBar(total=total, initial=initial, desc=name, unit="step",
+                            disable=not (show_progress and primary), mininterval=0.1 if tty else 30.0)
         self.tb = SummaryWriter(os.path.join(stage_dir, "tensorboard")) if primary else None
         self.progress = progress
 
     def say(self, message: str) -> None:
-        self.bar.clear()  # a terminal bar would otherwise run into the message
-        self.progress(message)
-        self.bar.redraw()
+        with tqdm.external_write_mode():  # clears the bar, prints, draws it again
+            self.progress(message)
 
     def scalars(self, step: int, metrics: dict) -> None:
         if self.tb is not None:
             for k, v in metrics.items():
-                self.tb.scalar(k, float(v), step)
+                self.tb.add_scalar(k, float(v), step)
             self.tb.flush()
 
     def close(self) -> None:

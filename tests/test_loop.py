@@ -244,3 +244,77 @@ def test_a_checkpoint_that_spikes_again_is_the_suspect(tmp_path, capsys):
     assert [(e["rollback_from"], e["rollback_to"]) for e in summary["rollbacks"]] == [(5, 4), (5, 2)]
     assert summary["finished"]
     assert "the checkpoint at step 4 is the suspect" in capsys.readouterr().out
+
+
+# --- the reporter: TensorBoard scalars, the progress bar, text lines -------------------
+
+import io  # noqa: E402 - imports of the part appended here
+import sys  # noqa: E402
+
+
+class TTY(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def tensorboard_scalars(logdir):
+    """(step, tag, value) of every scalar in the stage's event file, in file order, as
+    TensorBoard's own loader reads it (the test extra installs TensorBoard)."""
+    event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    from tensorboard.util.tensor_util import make_ndarray
+    (path,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+    # The loader hands scalars on as TensorBoard stores them: a float32 tensor per value.
+    return [(e.step, v.tag, make_ndarray(v.tensor).item()) for e in event_file_loader.EventFileLoader(path).Load()
+            if e.HasField("summary") for v in e.summary.value]
+
+
+def jsonl_scalars(stage_dir):
+    rows = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
+    return [(r["step"], k, float(v)) for r in rows for k, v in r.items() if k != "step"]
+
+
+def test_stage_reports_to_tensorboard_the_bar_and_text_lines(tmp_path, monkeypatch):
+    """A run with a loss spike: its event file holds metrics.jsonl's scalars at the same
+    steps (the rollback's included), the bar is drawn on stderr, and each text line is
+    printed on a cleared line, not after the bar. show_progress=False and a non-primary
+    process draw no bar (the latter writes no event file); both still print the lines."""
+    data = packed_rows(n=256)
+    perm = np.random.default_rng([0, 0]).permutation(256)
+    data["poison"][perm[40:48]] = 1  # step 6 spikes, as in test_loss_spike_rolls_back_and_skips_the_batch
+    mesh, state, shardings, step_fn = setup(loss_fn=poisoned_loss_fn(float("nan")))
+
+    def run_reported(name, steps, state, **kw):
+        err, said = TTY(), []
+        monkeypatch.setattr(sys, "stderr", err)
+
+        def say(message):  # into the bar's own stream, where a collision would show
+            said.append(message)
+            err.write(message + "\n")
+
+        cfg = TrainConfig(steps=steps, batch_size=B, seq_len=T, log_every=1, checkpoint_every=4, spike_window=3)
+        state, summary = loop.run_stage(str(tmp_path / name), state, shardings, step_fn,
+                                        RowLoader(data, B, seed=0), mesh, cfg, progress=say, **kw)
+        return err.getvalue(), said, summary, state
+
+    text, said, summary, state = run_reported("spiky", 6, state)
+    assert [e["rollback_to"] for e in summary["rollbacks"]] == [4]
+    stage = str(tmp_path / "spiky")
+    got, want = tensorboard_scalars(os.path.join(stage, "tensorboard")), jsonl_scalars(stage)
+    assert [(s, k) for s, k, _ in got] == [(s, k) for s, k, _ in want]
+    assert {"loss", "lr", "rollback_to", "skipped_batches", "spike_loss"} <= {k for _, k, _ in got}
+    np.testing.assert_array_equal([v for *_, v in got], np.float32([v for *_, v in want]))  # NaN == NaN
+    assert "spiky: 100%" in text and "6/6" in text and text.endswith("\n")
+    assert any(m.startswith("loss spike at step 6") for m in said) and said[-1].startswith("step      6/6")
+    for message in said:
+        assert "\r" + message + "\n" in text, message  # the bar was cleared first
+
+    # The next runs start from the state the last one returned (its input was donated):
+    # a new state would cost a compile of the initializer each.
+    text, said, _, state = run_reported("quiet", 2, state, show_progress=False)
+    assert text == "".join(m + "\n" for m in said) and len(said) == 2
+    assert os.listdir(str(tmp_path / "quiet" / "tensorboard"))
+
+    monkeypatch.setattr(loop, "is_primary", lambda: False)
+    text, said, _, _ = run_reported("worker", 2, state)
+    assert text == "".join(m + "\n" for m in said) and len(said) == 2
+    assert not os.path.exists(str(tmp_path / "worker" / "tensorboard"))
