@@ -1,7 +1,8 @@
 """The benchmark model as plain PyTorch (eager): a GPT-2-style decoder.
 
 Written the way nanoGPT / HF GPT-2 write it, with nothing tuned for speed:
-pre-norm blocks of LayerNorm -> fused qkv Linear (with bias) -> causal
+pre-norm blocks of LayerNorm -> fused qkv Linear (with bias, or without when
+`bias=False`, the shape of llm_jax's `use_bias=False`) -> causal
 `F.scaled_dot_product_attention` -> output Linear, then LayerNorm -> Linear ->
 GELU (tanh form) -> Linear; learned positions, tied input/output embeddings,
 float32 everywhere. The optimizer is `torch.optim.AdamW` (its default foreach
@@ -9,8 +10,10 @@ implementation) with the same hyper-parameters, weight-decay mask (matrices
 and embeddings only), global-norm clipping and warmup + cosine schedule as
 `llm_jax.train.make_optimizer`.
 
-`load_from_jax` copies an `llm_jax.model` params tree into the module, so the
-benchmark can check that both frameworks compute the same loss.
+`load_from_jax` copies an `llm_jax.model` params tree (nested dicts of numpy
+arrays) into the module, so the benchmark can check that both frameworks compute
+the same loss. It is timed in a process of its own that never imports jax
+(benchmarks/core.py).
 
 torch is an optional dependency of the benchmark only; llm_jax never imports it.
 """
@@ -26,16 +29,17 @@ import torch.nn.functional as F
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, num_heads: int, d_ff: int, eps: float, manual_attention: bool):
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, eps: float, manual_attention: bool,
+                 bias: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.manual_attention = manual_attention
-        self.ln_1 = nn.LayerNorm(d_model, eps=eps)
-        self.c_attn = nn.Linear(d_model, 3 * d_model)
-        self.c_proj = nn.Linear(d_model, d_model)
+        self.ln_1 = nn.LayerNorm(d_model, eps=eps)  # LayerNorm keeps its bias, as llm_jax's does
+        self.c_attn = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.c_proj = nn.Linear(d_model, d_model, bias=bias)
         self.ln_2 = nn.LayerNorm(d_model, eps=eps)
-        self.c_fc = nn.Linear(d_model, d_ff)
-        self.mlp_proj = nn.Linear(d_ff, d_model)
+        self.c_fc = nn.Linear(d_model, d_ff, bias=bias)
+        self.mlp_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -57,11 +61,11 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, num_layers: int, num_heads: int, d_ff: int,
-                 max_len: int, eps: float = 1e-5, manual_attention: bool = False):
+                 max_len: int, eps: float = 1e-5, manual_attention: bool = False, bias: bool = True):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(max_len, d_model)
-        self.blocks = nn.ModuleList(Block(d_model, num_heads, d_ff, eps, manual_attention)
+        self.blocks = nn.ModuleList(Block(d_model, num_heads, d_ff, eps, manual_attention, bias)
                                     for _ in range(num_layers))
         self.ln_f = nn.LayerNorm(d_model, eps=eps)
         std, out_std = 0.02, 0.02 / math.sqrt(2 * num_layers)
@@ -133,7 +137,7 @@ def to_torch_batch(batch: dict) -> dict:
 @torch.no_grad()
 def load_from_jax(model: GPT, params) -> None:
     """Copies an llm_jax params tree (GPT-2 config: learned positions, layernorm,
-    gelu, biases, tied embeddings) into `model`."""
+    gelu, tied embeddings; projection biases when `model` has them) into `model`."""
     t = lambda x: torch.from_numpy(np.array(x, np.float32))  # noqa: E731
     model.wte.weight.copy_(t(params["embed"]))
     model.wpe.weight.copy_(t(params["pos_embed"]))
@@ -145,14 +149,15 @@ def load_from_jax(model: GPT, params) -> None:
         D = a["q"].shape[1]
         qkv_w = [np.asarray(a[n][i]).reshape(D, -1) for n in ("q", "k", "v")]  # [D, N*H] each
         blk.c_attn.weight.copy_(t(np.concatenate(qkv_w, axis=1).T))
-        blk.c_attn.bias.copy_(t(np.concatenate([np.asarray(a[n + "_bias"][i]).reshape(-1)
-                                                for n in ("q", "k", "v")])))
         blk.c_proj.weight.copy_(t(np.asarray(a["o"][i]).reshape(-1, D).T))
-        blk.c_proj.bias.copy_(t(a["o_bias"][i]))
         blk.c_fc.weight.copy_(t(np.asarray(m["up"][i]).T))
-        blk.c_fc.bias.copy_(t(m["up_bias"][i]))
         blk.mlp_proj.weight.copy_(t(np.asarray(m["down"][i]).T))
-        blk.mlp_proj.bias.copy_(t(m["down_bias"][i]))
+        if blk.c_attn.bias is not None:
+            blk.c_attn.bias.copy_(t(np.concatenate([np.asarray(a[n + "_bias"][i]).reshape(-1)
+                                                    for n in ("q", "k", "v")])))
+            blk.c_proj.bias.copy_(t(a["o_bias"][i]))
+            blk.c_fc.bias.copy_(t(m["up_bias"][i]))
+            blk.mlp_proj.bias.copy_(t(m["down_bias"][i]))
         blk.ln_1.weight.copy_(t(lay["attn_norm"]["scale"][i]))
         blk.ln_1.bias.copy_(t(lay["attn_norm"]["bias"][i]))
         blk.ln_2.weight.copy_(t(lay["mlp_norm"]["scale"][i]))
