@@ -297,7 +297,7 @@ def section_dpo(cfg, rounds: int) -> dict:
     from experiments import pipeline
     from llm_jax import model, sharding, train
     from llm_jax.stages import dpo, reward, sft
-    stage = pipeline.DPOStage()
+    stage = pipeline.Config().dpo
     S = stage.data.max_segments
     host = preference_batch(stage)
     rows = host["pair_mask"].shape[0]
@@ -357,7 +357,7 @@ def section_ppo(cfg, iterations: int) -> dict:
     from llm_jax import model, sharding, train
     from llm_jax.data.tokenizer import ByteTokenizer
     from llm_jax.stages import ppo
-    stage = pipeline.PPOStage()
+    stage = pipeline.Config().ppo
     p = stage.ppo
     tok = ByteTokenizer()
     mesh = one_device_mesh()
@@ -529,7 +529,7 @@ def _sampling_md(r: dict, w) -> None:
 
 def _dpo_md(r: dict, w) -> None:
     w("## 2. DPO step vs SFT step on the same tokens\n")
-    w("One `builtin:preferences` batch of the pipeline's DPO config (`experiments.pipeline.DPOStage`: batch "
+    w("One `builtin:preferences` batch of the pipeline's DPO config (`experiments.pipeline.Config().dpo`: batch "
       "and seq_len as there), its `chosen_*` and `rejected_*` rows. Steps from `train.jit_train_step("
       "train.make_train_step(...))`, same initial params, same optimizer (the DPO stage's):\n")
     w("- `dpo_cached`: `dpo.dpo_loss_fn` with `ref_chosen_logps` / `ref_rejected_logps` [rows, max_segments] in "
@@ -559,7 +559,7 @@ def _ppo_md(r: dict, w) -> None:
     w("## 3. The PPO iteration: rollout / score / update\n")
     p0 = next(iter(r["ppo"].values()))
     c = p0["config"]
-    w(f"`ppo.make_ppo_step` with `experiments.pipeline.PPOStage().ppo`: rollout_batch {c['rollout_batch']}, "
+    w(f"`ppo.make_ppo_step` with `experiments.pipeline.Config().ppo.ppo`: rollout_batch {c['rollout_batch']}, "
       f"max_new_tokens {c['max_new_tokens']}, temperature {c['temperature']}, epochs {c['epochs']} x "
       f"minibatches {c['minibatches']} = {p0['updates_per_iteration']} optimizer updates per iteration; "
       f"pipeline prompts (left-padded to {p0['prompt_len']} tokens). Policy = reference = a random init; "

@@ -52,16 +52,15 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from experiments.pipeline import DPOStage, SFTStage
-from llm_jax import checkpoint, cli, hf, launch, lora, loop, model, sharding, train
-from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset, to_dict
-from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
+from llm_jax import checkpoint, cli, hf, launch, lora, model, sharding
+from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset
+from llm_jax.data.loader import DataConfig
 from llm_jax.data.records import check_record
 from llm_jax.data.sources import open_source
-from llm_jax.data.tokenizer import (TokenizerError, check_vocab_fits, load_hf_tokenizer, load_tokenizer,
-                                    train_bpe)
+from llm_jax.data.tokenizer import check_vocab_fits, load_hf_tokenizer, load_tokenizer, train_bpe
+from llm_jax.errors import ConfigError, TokenizerError
 from llm_jax.rundir import is_primary, parse_args, say, write_run_json
-from llm_jax.stages import dpo, reward, runner, sft
+from llm_jax.stages import dpo, runner, sft
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,11 +69,11 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     init_from: str = ""  # a stage directory of an earlier run, e.g. runs/base/pretrain
     tokenizer_sample: int = 20_000  # records to train a BPE on when there is no init_from
-    sft: SFTStage = SFTStage(
+    sft: sft.SFTConfig = sft.SFTConfig(
         optim=OptimizerConfig(lr=2e-5, warmup_steps=100, weight_decay=0.0),
         train=TrainConfig(steps=2000, batch_size=64, seq_len=1024, log_every=20, checkpoint_every=500),
         data=DataConfig(source="jsonl:sft.jsonl", max_segments=32))
-    dpo: DPOStage = DPOStage(
+    dpo: dpo.DPOConfig = dpo.DPOConfig(
         optim=OptimizerConfig(lr=5e-7, warmup_steps=50, weight_decay=0.0),
         train=TrainConfig(steps=1000, batch_size=64, seq_len=1024, log_every=20, checkpoint_every=500,
                           seed=1, spike_factor=0.0),
@@ -151,19 +150,6 @@ def run_tokenizer(workdir: str, cfg: Config):
     return train_bpe(texts, cfg.model.vocab_size)
 
 
-def loader_for(data: DataConfig, tr: TrainConfig, tok, source: str | None = None, **kw) -> ShardedLoader:
-    data = dataclasses.replace(data, seq_len=tr.seq_len, batch_size=tr.batch_size,
-                               **({"source": source} if source else {}), **kw)
-    return ShardedLoader(data, tok, jax.process_count())
-
-
-def stage_start(workdir: str, name: str, cfg: Config) -> tuple[str, dict | None]:
-    stage_dir = os.path.join(workdir, name)
-    done = runner.begin(stage_dir, getattr(cfg, name).train.steps,
-                        {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), **to_dict(getattr(cfg, name))})
-    return stage_dir, done
-
-
 def sft_init(cfg: Config, like, mesh):
     """The weights SFT starts from: `init_from`'s, or random ones (the same for the
     same seed, so a LoRA SFT's base can be rebuilt for the hand-off to DPO)."""
@@ -194,58 +180,65 @@ def dpo_final(workdir: str, cfg: Config, like, mesh):
                             cfg.lora, cfg.model, mesh)
 
 
-def adapter_state(cfg: Config, tx, mesh, seed: int):
-    """A fresh train state whose params are new adapters (LoRA): the optimizer covers only them."""
-    adapters = lora.init_adapters(cfg.lora, cfg.model, jax.random.PRNGKey(seed))
-    return train.state_from_params(adapters, tx, mesh, seed)
+def heldout_loader(data: DataConfig, tr: TrainConfig, tok, source: str, kind: str):
+    """One unshuffled pass over a held-out JSONL file, in the stage's rows."""
+    return runner.stage_loader(data, tr, tok, source=source, shuffle=False, num_epochs=1, kind=kind)
 
 
-def train_stage(stage_dir, state, shardings, loss_fn, normalizer_fn, tx, schedule, loader, mesh, tr,
-                frozen=None):
-    step = train.jit_train_step(train.make_train_step(loss_fn, normalizer_fn, tx, schedule, tr.microbatches),
-                                mesh, shardings)
-    step_fn = step if frozen is None else (lambda s, b: step(s, b, frozen))
-    return loop.run_stage(stage_dir, state, shardings, step_fn, loader, mesh, tr, progress=say)
-
-
-def sft_heldout_loss(cfg: Config, params, tok, mesh) -> float | None:
-    if not cfg.sft_eval:
-        return None
-    loader = loader_for(cfg.sft.data, cfg.sft.train, tok, cfg.sft_eval, shuffle=False, num_epochs=1,
-                        kind="sft")
+def sft_heldout_loss(cfg: Config, tok, mesh, when: str):
+    """params -> {"heldout_response_loss_<when>": mean response-token loss on sft_eval (None without)}."""
     fn = jax.jit(lambda p, b: sft.eval_loss(cfg.model, p, b))
-    total = count = 0.0
-    for _, batch in zip(range(cfg.eval_batches), loader):
-        s, c = fn(params, sharding.shard_batch(batch, mesh))
-        total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0)
+
+    def loss(params) -> dict:
+        value = None
+        if cfg.sft_eval:
+            sums = runner.heldout_sums(fn, params, heldout_loader(cfg.sft.data, cfg.sft.train, tok, cfg.sft_eval,
+                                                                   "sft"), cfg.eval_batches, mesh)
+            value = float(sums[0] / max(sums[1], 1.0))
+        return {f"heldout_response_loss_{when}": value}
+    return loss
 
 
 def dpo_heldout_accuracy(cfg: Config, policy, reference, tok, mesh) -> float | None:
     """Fraction of held-out pairs where the implicit reward beta*(log pi - log pi_ref)
     ranks chosen over rejected, ties counting half (so the SFT model itself, whose
-    implicit reward is 0 everywhere, scores 0.5). Reference log-probs are computed
-    here, after training."""
+    implicit reward is 0 everywhere, scores 0.5)."""
     if not cfg.dpo_eval:
         return None
-    loader = loader_for(cfg.dpo.data, cfg.dpo.train, tok, cfg.dpo_eval, shuffle=False, num_epochs=1,
-                        kind="preferences")
     S = cfg.dpo.data.max_segments
 
     def margins(p, b):
         return dpo.pair_logps(cfg.model, p, b, "chosen_", S) - dpo.pair_logps(cfg.model, p, b, "rejected_", S)
 
-    def counts(pol, ref, b):
+    def counts(pol, b, ref):
         h = margins(pol, b) - margins(ref, b)
         won = jnp.where(h > 0, 1.0, jnp.where(h == 0, 0.5, 0.0))
         return jnp.sum(won * b["pair_mask"]), jnp.sum(b["pair_mask"])
 
     fn = jax.jit(counts)
-    correct = total = 0.0
-    for _, batch in zip(range(cfg.eval_batches), loader):
-        c, n = fn(policy, reference, sharding.shard_batch(batch, mesh))
-        correct, total = correct + float(c), total + float(n)
-    return correct / max(total, 1.0)
+    loader = heldout_loader(cfg.dpo.data, cfg.dpo.train, tok, cfg.dpo_eval, "preferences")
+    correct, total = runner.heldout_sums(lambda p, b: fn(p, b, reference), policy, loader, cfg.eval_batches, mesh)
+    return float(correct / max(total, 1.0))
+
+
+def stages(workdir: str, cfg: Config, mesh, tok) -> list[runner.Stage]:
+    """sft from init_from (or random weights), then dpo from the SFT model."""
+    like = runner.model_like(cfg.model, mesh)
+
+    def dpo_after(policy) -> dict:
+        after = None
+        if cfg.dpo_eval:  # the reference is reloaded: without LoRA it left memory while the policy trained
+            after = dpo_heldout_accuracy(cfg, policy, sft_final(workdir, cfg, like, mesh), tok, mesh)
+        return {"heldout_pair_accuracy_after": after}
+
+    return [
+        sft.stage(cfg.model, cfg.sft, tok, init=lambda: sft_init(cfg, like, mesh), lora=cfg.lora,
+                  before=sft_heldout_loss(cfg, tok, mesh, "before"), after=sft_heldout_loss(cfg, tok, mesh, "after")),
+        dpo.stage(cfg.model, cfg.dpo, tok, mesh, init=lambda: sft_final(workdir, cfg, like, mesh), lora=cfg.lora,
+                  reference_name=f"{workdir}/sft",
+                  before=lambda ref: {"heldout_pair_accuracy_before": dpo_heldout_accuracy(cfg, ref, ref, tok, mesh)},
+                  after=dpo_after),
+    ]
 
 
 def main(argv=None) -> int:
@@ -259,17 +252,14 @@ def main(argv=None) -> int:
     cfg.lora.validate(cfg.model)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_model_fits_mesh(cfg.model, mesh)
-    for name in ("sft", "dpo"):
-        tr = getattr(cfg, name).train
-        sharding.check_batch_fits_mesh(tr.batch_size, tr.microbatches, mesh)
-        if tr.seq_len > cfg.model.max_len:
-            raise ConfigError(f"{name}.train.seq_len={tr.seq_len} exceeds model.max_len={cfg.model.max_len}")
-    if cfg.dpo.loss not in ("dpo", "ipo"):
-        raise ConfigError(f"dpo.loss={cfg.dpo.loss!r}: expected 'dpo' or 'ipo'")
-    # Both stages' records (and held-out files), before SFT trains (not DPO's after it).
-    for data, kind, heldout in ((cfg.sft.data, "sft", cfg.sft_eval), (cfg.dpo.data, "preferences", cfg.dpo_eval)):
-        for source in filter(None, (data.source, heldout)):
-            check_stage_data(dataclasses.replace(data, source=source), kind)
+    # Both stages' settings and records (and held-out files), before SFT trains (not DPO's after it).
+    for name, kind, heldout in (("sft", "sft", cfg.sft_eval), ("dpo", "preferences", cfg.dpo_eval)):
+        settings = getattr(cfg, name)
+        runner.check(name, settings, cfg.model, mesh, kind=kind)
+        if heldout:
+            runner.check(name, dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=heldout)),
+                         cfg.model, mesh, kind=kind)
+    cfg.dpo.validate()
     os.makedirs(workdir, exist_ok=True)
     try:
         tok = tok or run_tokenizer(workdir, cfg)
@@ -279,83 +269,19 @@ def main(argv=None) -> int:
     write_run_json(workdir, cfg, "llama_sft_dpo")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))
-    like = runner.abstract_params(lambda r: model.init(cfg.model, r), mesh, jax.random.PRNGKey(0))
-
-    # SFT
-    stage_dir, done = stage_start(workdir, "sft", cfg)
-    if done is None:
-        if not cfg.init_from:
-            say("init_from is empty: SFT starts from random weights (a smoke test, not real use)")
-        init = sft_init(cfg, like, mesh)
-        before = sft_heldout_loss(cfg, init, tok, mesh)
-        tx, schedule = train.make_optimizer(cfg.sft.optim, cfg.sft.train.steps)
-        loss_fn = sft.sft_loss_fn(cfg.model, cfg.sft.kl_coef)
-        if cfg.lora.enabled:  # train adapters; the frozen init is also the KL reference
-            state, shardings = adapter_state(cfg, tx, mesh, cfg.sft.train.seed)
-            loss_fn = lora.lora_loss_fn(loss_fn, cfg.lora, base_as_reference=cfg.sft.kl_coef > 0)
-            frozen = init
-        else:
-            state, shardings = train.state_from_params(init, tx, mesh, cfg.sft.train.seed)
-            frozen = init if cfg.sft.kl_coef > 0 else None
-            del init
-        loader = loader_for(cfg.sft.data, cfg.sft.train, tok, kind="sft")
-        state, summary = train_stage(stage_dir, state, shardings, loss_fn, sft.weight_sum, tx, schedule, loader,
-                                     mesh, cfg.sft.train, frozen=frozen)
-        if not summary["finished"]:
+    if not cfg.init_from:
+        say("init_from is empty: SFT starts from random weights (a smoke test, not real use)")
+    results = {}
+    for stage in stages(workdir, cfg, mesh, tok):
+        results[stage.name] = runner.run(workdir, stage, mesh)
+        if results[stage.name] is None:
             return 0
-        final = lora.merge(frozen, state.params, cfg.lora) if cfg.lora.enabled else state.params
-        done = {"steps": cfg.sft.train.steps, "train_seconds": summary["seconds"],
-                "heldout_response_loss_before": before,
-                "heldout_response_loss_after": sft_heldout_loss(cfg, final, tok, mesh),
-                "data": loader.stats}
-        if cfg.lora.enabled:
-            done["lora"] = lora.summary(cfg.lora, state.params, frozen)
-        runner.record(stage_dir, done)
-        del state, final, frozen
-    say(f"sft: held-out response loss {done['heldout_response_loss_before']} -> "
-        f"{done['heldout_response_loss_after']}")
-
-    # DPO
-    stage_dir, done = stage_start(workdir, "dpo", cfg)
-    if done is None:
-        d = cfg.dpo
-        reference = sft_final(workdir, cfg, like, mesh)
-        cache_dir = os.path.join(stage_dir, "reference")
-        dpo.build_reference_cache(cfg.model, reference, loader_for(d.data, d.train, tok, kind="preferences"),
-                                  d.train.steps, cache_dir, mesh, reference=f"{workdir}/sft", progress=say)
-        before = dpo_heldout_accuracy(cfg, reference, reference, tok, mesh)
-        tx, schedule = train.make_optimizer(d.optim, d.train.steps)
-        loss_fn = dpo.dpo_loss_fn(cfg.model, d.data.max_segments, beta=d.beta,
-                                  label_smoothing=d.label_smoothing, loss=d.loss)
-        if cfg.lora.enabled:
-            # Policy = reference + fresh adapters; the reference stays as the frozen base
-            # (one copy) and its log-probs come from the cache just built from it.
-            state, shardings = adapter_state(cfg, tx, mesh, d.train.seed)
-            loss_fn, frozen = lora.lora_loss_fn(loss_fn, cfg.lora), reference
-        else:
-            del reference  # the policy trains without the reference in memory
-            state, shardings = train.state_from_params(sft_final(workdir, cfg, like, mesh), tx, mesh,
-                                                       d.train.seed)
-            frozen = None
-        loader = dpo.CachedReferenceLoader(loader_for(d.data, d.train, tok, kind="preferences"), cache_dir)
-        state, summary = train_stage(stage_dir, state, shardings, loss_fn, reward.pair_count, tx, schedule,
-                                     loader, mesh, d.train, frozen=frozen)
-        if not summary["finished"]:
-            return 0
-        after = None
-        if cfg.dpo_eval:
-            reference = frozen if cfg.lora.enabled else sft_final(workdir, cfg, like, mesh)
-            policy = lora.merge(reference, state.params, cfg.lora) if cfg.lora.enabled else state.params
-            after = dpo_heldout_accuracy(cfg, policy, reference, tok, mesh)
-        done = {"steps": d.train.steps, "train_seconds": summary["seconds"],
-                "heldout_pair_accuracy_before": before, "heldout_pair_accuracy_after": after}
-        if cfg.lora.enabled:
-            done["lora"] = lora.summary(cfg.lora, state.params, frozen)
-        runner.record(stage_dir, done)
-    say(f"dpo: held-out implicit-reward accuracy {done['heldout_pair_accuracy_before']} -> "
-        f"{done['heldout_pair_accuracy_after']}")
+    s, d = results["sft"], results["dpo"]
+    say(f"sft: held-out response loss {s['heldout_response_loss_before']} -> {s['heldout_response_loss_after']}")
+    say(f"dpo: held-out implicit-reward accuracy {d['heldout_pair_accuracy_before']} -> "
+        f"{d['heldout_pair_accuracy_after']}")
     if cfg.export_dir:
-        policy = runner.host_params(dpo_final(workdir, cfg, like, mesh))
+        policy = runner.host_params(dpo_final(workdir, cfg, runner.model_like(cfg.model, mesh), mesh))
         if is_primary():
             family = hf.save_pretrained(cfg.export_dir, cfg.model, policy, tokenizer=tok)
             say(f"export: the DPO policy as a Hugging Face {family} model in {cfg.export_dir}")

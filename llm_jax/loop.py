@@ -5,7 +5,8 @@
 Re-running the same stage resumes from its newest readable checkpoint with the
 data iterator where it was, so an interrupted run ends bitwise where an
 uninterrupted one does (on CPU). A `loader` is any iterator of host-local
-numpy batches with `get_state() -> dict` and `set_state(dict)`.
+numpy batches that follows `data.loader.StageLoader` (next, get/set_state,
+restore from every process's saved state, metrics to log).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llm_jax import sharding
-from llm_jax.checkpoint import CheckpointError, Checkpoints, abstract_like
+from llm_jax.checkpoint import Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
+from llm_jax.data.loader import restore_per_process, stats_metrics
 from llm_jax.errors import ConfigError, TrainingDiverged
 from llm_jax.rundir import MetricsLog, is_primary
 
@@ -99,28 +101,20 @@ def all_loader_states(loader) -> list[str]:
 
 
 def restore_loader(loader, saved: list[str]) -> None:
-    """Gives the loader its saved position. A loader keyed by data shard (see
-    `data.loader.ShardedLoader`) takes the merged states of all saving processes,
-    so it resumes on any process count; any other loader needs the same count."""
+    """Gives the loader its saved position: every saving process's state (JSON), in
+    process order, to the loader's own `restore` if it has one (`data.loader.StageLoader`),
+    else its own process's state (which needs the same process count)."""
     states = [json.loads(x) for x in saved]
-    if all("shards" in s for s in states):
-        loader.set_state({"shards": {k: v for s in states for k, v in s["shards"].items()}})
-        return
-    if len(saved) != jax.process_count():
-        raise CheckpointError(f"the checkpoint holds data positions for {len(saved)} processes, but "
-                              f"{jax.process_count()} are running; resume with the same number of "
-                              "processes (the data stream is sharded per process)")
-    loader.set_state(states[jax.process_index()])
+    if hasattr(loader, "restore"):
+        loader.restore(states)
+    else:
+        restore_per_process(loader, states)
 
 
 def data_metrics(loader) -> dict:
-    """What the loader counted (this process's shard): skipped records, packing."""
-    stats = getattr(loader, "stats", None)
-    if not stats:
-        return {}
-    return {"data_skipped": sum(stats.get("skipped", {}).values()),
-            "data_truncated": stats.get("truncated", 0),
-            "packing_efficiency": stats.get("packing_efficiency", 0.0)}
+    """The loader's numbers for metrics.jsonl: `StageLoader.metrics()`, else those of its
+    `stats` dict if it has one."""
+    return loader.metrics() if hasattr(loader, "metrics") else stats_metrics(getattr(loader, "stats", {}))
 
 
 def _skip(loader, n: int) -> None:

@@ -51,9 +51,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from llm_jax import checkpoint, model
+from llm_jax import checkpoint, model, sharding
 from llm_jax.config import ConfigError, ModelConfig
-from llm_jax.stages import runner
 
 Params = Any
 
@@ -255,7 +254,7 @@ def lora_reward_loss_fn(loss_fn, lora_cfg: LoRAConfig):
 
 def abstract_adapters(lora_cfg: LoRAConfig, model_cfg: ModelConfig, mesh: jax.sharding.Mesh) -> Params:
     """Shapes/dtypes/shardings of the adapters: the target they are restored onto."""
-    return runner.abstract_params(lambda r: init_adapters(lora_cfg, model_cfg, r), mesh, jax.random.PRNGKey(0))
+    return sharding.abstract_params(lambda r: init_adapters(lora_cfg, model_cfg, r), mesh, jax.random.PRNGKey(0))
 
 
 def load_merged(checkpoint_dir: str, base: Params, lora_cfg: LoRAConfig, model_cfg: ModelConfig,

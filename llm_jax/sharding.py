@@ -198,3 +198,11 @@ def per_device_bytes(tree: Any) -> int:
         for shard in x.addressable_shards:
             per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
     return max(per_device.values()) if per_device else 0
+
+
+def abstract_params(init_fn, mesh: Mesh, *args) -> Any:
+    """Shapes/dtypes of `init_fn(*args)` with the shardings of the partitioning table:
+    the target a stage's weights are restored onto (any mesh shape)."""
+    shapes = jax.eval_shape(init_fn, *args)
+    shards = tree_shardings(shapes, mesh)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)

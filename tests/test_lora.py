@@ -359,7 +359,7 @@ def test_llama_sft_dpo_with_lora_smoke(tmp_path, capsys):
     # The checkpoints hold adapters only: they restore as adapters, not as a model.
     mesh = mesh1()
     lcfg = lora.LoRAConfig(rank=2, alpha=4.0, targets=("q", "v", "down"))
-    like = runner.abstract_params(lambda r: model.init(mcfg, r), mesh, jax.random.PRNGKey(0))
+    like = sharding.abstract_params(lambda r: model.init(mcfg, r), mesh, jax.random.PRNGKey(0))
     for stage in ("sft", "dpo"):
         ckpt = os.path.join(workdir, stage, "checkpoints")
         got = checkpoint.load_params(ckpt, lora.abstract_adapters(lcfg, mcfg, mesh))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import typing
 
 import grain
 import jax
@@ -66,8 +67,10 @@ class DataConfig:
 
     source: str = "builtin:pretrain"  # see llm_jax.data.sources
     split: str = "train"
-    seq_len: int = 128
-    batch_size: int = 32  # global rows per step, over all processes
+    # Tokens per row and global rows per step (over all processes). A stage of an
+    # experiment leaves both unset: they come from its train.seq_len/batch_size.
+    seq_len: int | None = None
+    batch_size: int | None = None
     seed: int = 0  # shuffling, and the built-in world's generator
     # The record kind the stage needs (pretrain | sft | preferences | classification), set by
     # the experiment for each stage: a source without those fields stops before training.
@@ -85,11 +88,19 @@ class DataConfig:
 
     def validate(self) -> "DataConfig":
         for name in ("seq_len", "batch_size", "max_segments", "pack_lookahead"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise DataError(f"data.{name}={getattr(self, name)} must be positive")
         if self.num_classes < 0:
             raise DataError(f"data.num_classes={self.num_classes} must be >= 0 (0: labels not checked)")
         return self
+
+    def for_loader(self) -> "DataConfig":
+        """Validated, with the row length and count a loader needs set."""
+        for name in ("seq_len", "batch_size"):
+            if getattr(self, name) is None:
+                raise DataError(f"data.{name} is not set: a loader needs rows of a known length and "
+                                "count (a stage sets them from its train.seq_len and train.batch_size)")
+        return self.validate()
 
 
 def check_stage_data(config: DataConfig, kind: str) -> None:
@@ -98,6 +109,51 @@ def check_stage_data(config: DataConfig, kind: str) -> None:
     c = config
     open_source(c.source, split=c.split, kind=kind, seed=c.seed, size=c.size, data_dir=c.data_dir,
                 cache_dir=c.cache_dir, download=c.download)
+
+
+class StageLoader(typing.Protocol):
+    """What the stage loop (`loop.run_stage`) needs from a stage's batches.
+
+    Every stage's loader follows it: `ShardedLoader` (records -> packed rows) and
+    the wrappers beside each stage that add to its batches (`stages.mlm.MaskingLoader`,
+    `stages.dpo.CachedReferenceLoader`), and `stages.ppo.PromptLoader`."""
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """This process's rows of the next global batch."""
+
+    def get_state(self) -> dict:
+        """This process's position, JSON-able (saved with every checkpoint)."""
+
+    def set_state(self, state: dict) -> None:
+        """Continue from a position `get_state` gave."""
+
+    # Optional (the loop falls back to `restore_per_process` and to no numbers):
+
+    def restore(self, states: list[dict]) -> None:
+        """Continue from a checkpoint holding every saving process's state, in process
+        order; a loader that cannot resume on another process count says so."""
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers logged with the training metrics (e.g. records skipped)."""
+
+
+def restore_per_process(loader, states: list[dict]) -> None:
+    """`restore` for a loader whose state belongs to one process: its own entry,
+    which exists only when as many processes saved as run now."""
+    if len(states) != jax.process_count():
+        raise DataError(f"the checkpoint holds data positions for {len(states)} processes, but "
+                        f"{jax.process_count()} are running; resume with the same number of processes "
+                        "(this stage's data stream is split per process)")
+    loader.set_state(states[jax.process_index()])
+
+
+def stats_metrics(stats: dict) -> dict[str, float]:
+    """The numbers of a loader's `stats` that go into metrics.jsonl."""
+    if not stats:
+        return {}
+    return {"data_skipped": sum(stats.get("skipped", {}).values()),
+            "data_truncated": stats.get("truncated", 0),
+            "packing_efficiency": stats.get("packing_efficiency", 0.0)}
 
 
 _ANNOUNCED: set[tuple[str, str]] = set()  # (source, report) lines printed by this process
@@ -126,7 +182,7 @@ class Loader:
 
     def __init__(self, config: DataConfig, tokenizer, *, shard_index: int | None = None,
                  shard_count: int | None = None):
-        self.config = c = config.validate()
+        self.config = c = config.for_loader()
         self.shard_index = jax.process_index() if shard_index is None else shard_index
         self.shard_count = jax.process_count() if shard_count is None else shard_count
         if c.batch_size % self.shard_count:
@@ -316,6 +372,7 @@ class ShardedLoader:
     shard, not by process."""
 
     def __init__(self, config: DataConfig, tokenizer, shards: int):
+        config.for_loader()
         processes, me = jax.process_count(), jax.process_index()
         if shards < 1 or shards % processes:
             raise DataError(f"data shards={shards} must be a positive multiple of the "
@@ -339,6 +396,13 @@ class ShardedLoader:
                             f"{sorted(shards, key=int)}): was it saved with a different data shard count?")
         for s, x in zip(self.shard_ids, self.loaders):
             x.set_state(shards[str(s)])
+
+    def restore(self, states: list[dict]) -> None:
+        """Every saving process's state, merged by shard: resumes on any process count."""
+        self.set_state({"shards": {k: v for s in states for k, v in s.get("shards", {}).items()}})
+
+    def metrics(self) -> dict:
+        return stats_metrics(self.stats)
 
     @property
     def stats(self) -> dict:

@@ -2,7 +2,7 @@
 
     params = {"model": <LM params, e.g. pretrained>, "head": {"kernel": [D, C], "bias": [C]}}
     h(x)   = pool(model.forward(x))                       # [D] per sequence
-    L      = -sum over real sequences of log softmax(W^T h(x) + b)_y / (their count)   (seed 003)
+    L      = -sum over real sequences of log softmax(W^T h(x) + b)_y / (their count)   (the usual softmax classifier on a pooled representation, e.g. BERT, Devlin et al., 2019)
 
 The trunk is the same params tree as every other stage's LM, so a pretrained
 (or SFT) model hands off into `params["model"]` (`runner.stage_params`).
@@ -22,11 +22,19 @@ sequence k sits at (row r, segment s + 1) and its label at labels[r, s].
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from llm_jax import losses, model
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax import losses, model, sharding
+from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, TrainConfig
+from llm_jax.data.loader import DataConfig
+from llm_jax.rundir import say
+from llm_jax.stages import runner
 
 POOLINGS = ("last", "first", "mean")
 
@@ -125,3 +133,95 @@ def accuracy_counts(model_cfg: ModelConfig, params, batch, pooling: str) -> tupl
     logits = _batch_logits(model_cfg, params, batch, pooling)
     right = jnp.argmax(logits, axis=-1) == batch["labels"]
     return jnp.sum(jnp.where(right, batch["label_mask"], 0.0)), label_count(batch)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifyConfig:
+    """A classification stage; data.seq_len and data.batch_size come from train.*,
+    data.num_classes from num_classes."""
+
+    model: ModelConfig = ModelConfig()
+    pooling: str = "last"  # last | first | mean
+    num_classes: int = 2
+    optim: OptimizerConfig = OptimizerConfig(lr=1e-3, warmup_steps=30, weight_decay=0.01)
+    train: TrainConfig = TrainConfig(steps=1200, batch_size=32, seq_len=32, log_every=100, spike_factor=0.0)
+    data: DataConfig = DataConfig(source="builtin:classify", max_segments=1)
+    eval_source: str = ""  # "": split "eval" of data.source; else every record of this source
+    eval_batches: int = 0  # held-out batches at most; 0: the whole held-out set
+    init_from: str = ""  # a stage directory of an earlier run with a matching LM
+
+    def validate(self, where: str = "classify") -> "ClassifyConfig":
+        check_pooling(self.pooling, self.model, f"{where}.pooling")
+        if self.num_classes < 2:
+            raise ConfigError(f"{where}.num_classes={self.num_classes}: a classifier needs at least 2 classes")
+        if self.init_from and not os.path.isdir(os.path.join(self.init_from, "checkpoints")):
+            raise ConfigError(f"{where}.init_from={self.init_from}: no checkpoints/ there; expected a stage "
+                              "directory of an earlier llm_jax run")
+        return self
+
+
+def _loader(cfg: ClassifyConfig, tok, heldout: bool):
+    # kind is asked for: a jsonl/tfds source of {"text", "label"} would otherwise read as pretraining.
+    kw = {"num_classes": cfg.num_classes, "kind": "classification"}
+    if heldout:
+        source, split = (cfg.eval_source, "train") if cfg.eval_source else (cfg.data.source, "eval")
+        kw.update(source=source, split=split, shuffle=False, num_epochs=1)
+    return runner.stage_loader(cfg.data, cfg.train, tok, **kw)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _predict(model_cfg: ModelConfig, pooling: str, params, batch):
+    """Predicted class of every (row, segment): [R, S] int. One compile serves before and after."""
+    return jnp.argmax(class_logits(model_cfg, params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                  pooling, batch["label_mask"].shape[-1]), axis=-1)
+
+
+def heldout_accuracy(cfg: ClassifyConfig, params, tok, mesh) -> dict:
+    """Accuracy (and per-class accuracy) over the held-out set, one pass in order."""
+    params = runner.host_params(params)  # host arrays: before and after hit the same compiled program
+    right, count = np.zeros(cfg.num_classes), np.zeros(cfg.num_classes)
+    for i, batch in enumerate(_loader(cfg, tok, heldout=True)):
+        if cfg.eval_batches and i >= cfg.eval_batches:
+            break
+        pred = np.asarray(jax.device_get(_predict(cfg.model, cfg.pooling, params,
+                                                  sharding.shard_batch(batch, mesh))))
+        labels, mask = batch["labels"], batch["label_mask"] > 0
+        # A multi-process run would need an all-gather of the batch here too: this
+        # evaluation assumes one process, like the pipeline's probes.
+        np.add.at(count, labels[mask], 1)
+        np.add.at(right, labels[mask], (pred[mask] == labels[mask]).astype(float))
+    return {"accuracy": float(right.sum() / max(count.sum(), 1)), "items": int(count.sum()),
+            "by_class": {str(c): float(right[c] / count[c]) if count[c] else None for c in range(cfg.num_classes)}}
+
+
+def stage(name: str, cfg: ClassifyConfig, tok, mesh) -> runner.Stage:
+    """The LM trunk (fresh, or `init_from`'s) + a fresh head, judged by held-out accuracy."""
+    def init():
+        lm_rng, head_rng = jax.random.split(jax.random.PRNGKey(cfg.train.seed))
+        if cfg.init_from:
+            path = os.path.normpath(cfg.init_from)
+            lm = runner.stage_params(os.path.dirname(path), os.path.basename(path),
+                                     runner.model_like(cfg.model, mesh))
+            say(f"{name}: LM weights from {cfg.init_from}")
+        else:
+            lm = jax.jit(lambda r: model.init(cfg.model, r))(lm_rng)
+        return init_classifier_params(cfg.model, lm, cfg.num_classes, head_rng)
+
+    def judged(when: str):
+        def accuracy(params) -> dict:
+            acc = heldout_accuracy(cfg, params, tok, mesh)
+            out = {f"heldout_accuracy_{when}": acc["accuracy"], f"by_class_{when}": acc["by_class"]}
+            if when == "after":
+                out.update(pooling=cfg.pooling, causal=cfg.model.causal, init_from=cfg.init_from or None,
+                           chance=1.0 / cfg.num_classes, heldout_items=acc["items"])
+            return out
+        return accuracy
+
+    return runner.Stage(
+        name, cfg.model, cfg, init=init, loader=lambda _: _loader(cfg, tok, heldout=False),
+        loss=classify_loss_fn(cfg.model, cfg.pooling), normalizer=label_count,
+        before=judged("before"), after=judged("after"))

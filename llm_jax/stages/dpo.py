@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from typing import Callable
 
 import jax
@@ -41,9 +42,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from llm_jax import losses, model, sharding
-from llm_jax.config import ModelConfig
+from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import packing
-from llm_jax.errors import DataError, ReferenceCacheError
+from llm_jax.data.loader import DataConfig, restore_per_process, stats_metrics
+from llm_jax.errors import ConfigError, DataError, ReferenceCacheError
+from llm_jax.lora import LoRAConfig
+from llm_jax.rundir import say
+from llm_jax.stages import runner
 from llm_jax.stages.reward import pair_count  # the normalizer: real pairs in the global batch
 
 PREFIXES = ("chosen_", "rejected_")
@@ -351,6 +356,65 @@ class CachedReferenceLoader:
         self.loader.set_state(state["loader"])
         self.step = int(state["reference_step"])
 
+    def restore(self, states: list[dict]) -> None:
+        """Each process reads its own part of the cache: the same process count resumes."""
+        restore_per_process(self, states)
+
+    def metrics(self) -> dict:
+        return stats_metrics(self.stats)
+
     @property
     def stats(self) -> dict:
         return getattr(self.loader, "stats", {})
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+LOSSES = ("dpo", "ipo")
+
+
+@dataclasses.dataclass(frozen=True)
+class DPOConfig:
+    """A DPO stage; data.seq_len and data.batch_size come from train.*."""
+
+    optim: OptimizerConfig = OptimizerConfig(lr=5e-7, warmup_steps=50, weight_decay=0.0)
+    train: TrainConfig = TrainConfig(steps=1000, batch_size=64, seq_len=1024, log_every=20, spike_factor=0.0)
+    data: DataConfig = DataConfig(source="builtin:preferences")
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # > 0: cDPO
+    loss: str = "dpo"  # dpo | ipo
+
+    def validate(self, where: str = "dpo") -> "DPOConfig":
+        if self.loss not in LOSSES:
+            raise ConfigError(f"{where}.loss={self.loss!r}: expected one of {', '.join(LOSSES)}")
+        return self
+
+
+def stage(model_cfg: ModelConfig, cfg: DPOConfig, tok, mesh, *, init: Callable, data_shards: int = 0,
+          before: Callable | None = None, after: Callable | None = None, lora: LoRAConfig = LoRAConfig(),
+          reference_name: str = "", name: str = "dpo") -> runner.Stage:
+    """DPO from the params `init()` gives, which are also the reference: its
+    log-probs of every training batch are computed first and stored under
+    DIR/<name>/reference/ (`build_reference_cache`), so the reference leaves memory
+    before the policy trains (with LoRA it stays, as the frozen base: one copy)."""
+    cfg.validate(name)
+
+    def loader():
+        return runner.stage_loader(cfg.data, cfg.train, tok, data_shards, kind="preferences")
+
+    def prepare(stage_dir: str, reference) -> dict:
+        t0 = time.time()
+        build_reference_cache(model_cfg, reference, loader(), cfg.train.steps, os.path.join(stage_dir, "reference"),
+                              mesh, reference=reference_name, progress=say)
+        return {"reference_seconds": time.time() - t0}
+
+    def cached(stage_dir: str):
+        return CachedReferenceLoader(loader(), os.path.join(stage_dir, "reference"))
+
+    return runner.Stage(
+        name, model_cfg, cfg, init=init, loader=cached, prepare=prepare,
+        loss=dpo_loss_fn(model_cfg, cfg.data.max_segments, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                         loss=cfg.loss),
+        normalizer=pair_count, before=before, after=after, lora=lora, extra={"data_shards": data_shards})

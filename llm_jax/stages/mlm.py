@@ -21,6 +21,7 @@ original tokens), weights (1 at the chosen positions M), positions, segment_ids.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax import losses, model
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data.errors import DataError
+from llm_jax.data.loader import DataConfig, restore_per_process, stats_metrics
 from llm_jax.data.tokenizer import SPECIAL_TOKENS
-from llm_jax.stages import pretrain
+from llm_jax.stages import pretrain, runner
 
 STATE_KEY = "mlm"  # where a MaskingLoader keeps its position inside the data state
 
@@ -175,6 +177,16 @@ class MaskingLoader:
         self.loader.set_state(inner)
         self.batch_index = int(counts.pop())
 
+    def restore(self, states: list[dict]) -> None:
+        """Over a `ShardedLoader`, every process's shards merged (any process count)."""
+        if all("shards" in s for s in states):
+            self.set_state({"shards": {k: v for s in states for k, v in s["shards"].items()}})
+        else:
+            restore_per_process(self, states)
+
+    def metrics(self) -> dict:
+        return stats_metrics(self.stats)
+
     @property
     def stats(self) -> dict:
         return getattr(self.loader, "stats", {})
@@ -230,3 +242,65 @@ def eval_batch(model_cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Ar
     logits = _logits(model_cfg, params, batch)
     nll = losses.mlm_loss(logits, batch["targets"], batch["weights"], normalizer=1.0)
     return nll, _correct(logits, batch["targets"], batch["weights"]), pretrain.weight_sum(batch)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclasses.dataclass(frozen=True)
+class MLMConfig:
+    """A masked-LM stage (BERT's recipe by default); data.seq_len/batch_size come from train.*."""
+
+    # AdamW (0.9, 0.999, eps 1e-6), weight decay 0.01, lr 1e-4, 10k warmup steps (Devlin et al., 2019).
+    optim: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=10_000, b2=0.999, eps=1e-6,
+                                             weight_decay=0.01)
+    train: TrainConfig = TrainConfig(steps=100_000, batch_size=256, seq_len=128, log_every=100,
+                                     checkpoint_every=1000)
+    data: DataConfig = DataConfig(source="tfds:lm1b")
+    eval_split: str = "test"  # held-out split of the same dataset
+    eval_batches: int = 16  # held-out masked batches, the same before and after
+    mask_prob: float = 0.15  # chance that a real token is chosen for prediction
+    mask_seed: int = 0  # training masks; held-out masks use mask_seed + 1
+
+    def validate(self) -> "MLMConfig":
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ConfigError(f"mask_prob={self.mask_prob} must be in (0, 1)")
+        return self
+
+
+_eval_batch = jax.jit(eval_batch, static_argnums=0)  # one compile for before and after
+
+
+def stage(model_cfg: ModelConfig, cfg: MLMConfig, tok, mesh, *, data_shards: int = 0,
+          name: str = "mlm") -> runner.Stage:
+    """Masked-LM pretraining of an encoder from fresh weights, judged by the held-out
+    masked-token loss and accuracy before, during (train.eval_every) and after."""
+    def masking(seed: int, **overrides) -> MaskingLoader:
+        loader = runner.stage_loader(cfg.data, cfg.train, tok, data_shards, kind="pretrain", **overrides)
+        return MaskingLoader(loader, mask_id=tok.mask_id, vocab_size=tok.vocab_size, mask_prob=cfg.mask_prob,
+                             seed=seed, num_special=tok.num_special)
+
+    @functools.cache
+    def held_out():  # the same masks every time: seed mask_seed + 1, restarted at its start
+        ld = masking(cfg.mask_seed + 1, split=cfg.eval_split, shuffle=False)
+        return ld, ld.get_state()
+
+    def heldout(params) -> dict:
+        ld, start = held_out()
+        loss, right, count = runner.heldout_sums(lambda p, b: _eval_batch(model_cfg, p, b), params, ld,
+                                                 cfg.eval_batches, mesh, start)
+        return {"heldout_mlm_loss": float(loss / max(count, 1.0)),
+                "heldout_mlm_accuracy": float(right / max(count, 1.0))}
+
+    def final(params) -> dict:
+        h = heldout(params)
+        return {"heldout_mlm_loss_after": h["heldout_mlm_loss"],
+                "heldout_mlm_perplexity_after": float(np.exp(h["heldout_mlm_loss"])),
+                "heldout_mlm_accuracy_after": h["heldout_mlm_accuracy"]}
+
+    return runner.Stage(
+        name, model_cfg, cfg, init=lambda: runner.fresh_params(model_cfg, mesh, cfg.train.seed),
+        loader=lambda _: masking(cfg.mask_seed), loss=mlm_loss_fn(model_cfg), normalizer=normalizer,
+        before=lambda p: {f"{k}_before": v for k, v in heldout(p).items()}, after=final, evaluate=heldout,
+        extra={"data_shards": data_shards})

@@ -59,10 +59,11 @@ import numpy as np
 import optax
 
 from llm_jax import generate, losses, model, sharding, train
-from llm_jax.config import ConfigError, ModelConfig
+from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import builtin, formats
+from llm_jax.data.loader import stats_metrics
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
-from llm_jax.stages import reward
+from llm_jax.stages import reward, runner
 
 Params = Any
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -613,9 +614,59 @@ class PromptLoader:
                                  f"has {key}={mine!r}: it would not continue the same stream")
         self.position = int(state["position"])
 
+    def restore(self, states: list[dict]) -> None:
+        """The global stream position is the same on every process: any process count resumes."""
+        self.set_state(states[0])
+
+    def metrics(self) -> dict:
+        return stats_metrics(self.stats)
+
 
 def builtin_prompts(count: int, seed: int = 0, split: str = "train",
                     tasks: tuple[str, ...] | None = None) -> list[str]:
     """`count` instruction prompts from the built-in SFT task generator."""
     rng = random.Random(seed)
     return [builtin.sft_record(rng, split, tasks)["prompt"] for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOStageConfig:
+    """A PPO stage: the optimizer, the loop (train.steps = PPO iterations; batch_size and
+    seq_len are unused: ppo.rollout_batch and the prompt/response lengths rule), PPO itself."""
+
+    # lr 1e-4, clip_norm 1.0: see the pipeline's sweep in docs/main_job.md.
+    optim: OptimizerConfig = OptimizerConfig(lr=1e-4, warmup_steps=0, weight_decay=0.0, clip_norm=1.0)
+    # No spike guard: PPO's loss is near zero and changes sign (non-finite still rolls back).
+    train: TrainConfig = TrainConfig(steps=30, log_every=5, spike_factor=0.0)
+    ppo: PPOConfig = PPOConfig()
+    prompts: int = 4000  # training prompts
+
+
+def stage(model_cfg: ModelConfig, cfg: PPOStageConfig, tok, mesh, *, policy: Callable, reward_model: Callable,
+          prompts: Callable[[], list[str]], after: Callable | None = None, name: str = "ppo") -> runner.Stage:
+    """PPO from the policy `policy()` gives (also the frozen reference), scored by the
+    frozen reward model `reward_model()`, whose trunk and head start the value model."""
+    cfg.ppo.validate()
+    frozen: dict = {}  # the reference and the reward model, loaded when the stage trains
+
+    def init() -> dict:
+        frozen["reference"], frozen["reward"] = policy(), reward_model()
+        value = {"model": frozen["reward"]["model"], "head": frozen["reward"]["head"]}  # not its lm_scale
+        return {"policy": frozen["reference"], "value": value}
+
+    def build(params, tx, schedule):
+        state, shardings = create_ppo_state(params, tx, mesh, cfg.train.seed, cfg.ppo.kl_coef)
+        step = make_ppo_step(model_cfg, cfg.ppo, tx, reference_params=frozen["reference"],
+                             reward_params=frozen["reward"], schedule=schedule, mesh=mesh,
+                             state_shardings=shardings, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        return state, shardings, step
+
+    return runner.Stage(
+        name, model_cfg, cfg, init=init,
+        loader=lambda _: PromptLoader(prompts(), tok, cfg.ppo.rollout_batch, cfg.train.seed), build=build,
+        optimizer_steps=optimizer_steps(cfg.train.steps, cfg.ppo),  # epochs x minibatches updates a step
+        after=(lambda p: after(p["policy"])) if after else None)

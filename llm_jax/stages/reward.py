@@ -33,14 +33,20 @@ Preference batches (`data.loader`, kind preferences) hold `chosen_*` and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llm_jax import losses, model
-from llm_jax.config import ModelConfig
+from llm_jax import losses, model, sharding
+from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
+from llm_jax.data.loader import DataConfig
+from llm_jax.stages import runner
+
+Params = Any
 from llm_jax.data import packing
 
 PAD_TO = 32  # score_sequences pads lengths up to a multiple of this: fewer recompiles
@@ -175,3 +181,59 @@ def pairwise_accuracy(model_cfg: ModelConfig, params, batch, max_segments: int) 
     chosen, rejected = _pair_rewards(model_cfg, params, batch, max_segments)
     mask = batch["pair_mask"]
     return jnp.sum(jnp.where(chosen > rejected, mask, 0.0)), pair_count(batch)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclasses.dataclass(frozen=True)
+class RMConfig:
+    """A reward-model stage; data.seq_len and data.batch_size come from train.*."""
+
+    optim: OptimizerConfig = OptimizerConfig(lr=5e-4, warmup_steps=10, weight_decay=0.0)
+    train: TrainConfig = TrainConfig(steps=100, batch_size=16, seq_len=128, log_every=20, spike_factor=0.0)
+    data: DataConfig = DataConfig(source="builtin:preferences", size=10_000)
+    eval_batches: int = 8  # held-out batches (split "eval") for the pairwise accuracy
+    # reward = head(last token) + a learned scale x the response's mean log-likelihood
+    # under the trunk's LM head. False: the head alone.
+    likelihood: bool = True
+
+
+def heldout_accuracy(model_cfg: ModelConfig, cfg: RMConfig, tok, mesh, data_shards: int = 0) -> Callable:
+    """params -> pairwise accuracy over the first `cfg.eval_batches` batches of split "eval"."""
+    fn = jax.jit(lambda p, b: pairwise_accuracy(model_cfg, p, b, cfg.data.max_segments))
+
+    def accuracy(params) -> float:
+        loader = runner.stage_loader(cfg.data, cfg.train, tok, data_shards, split="eval", shuffle=False,
+                                     kind="preferences")
+        correct, total = runner.heldout_sums(fn, params, loader, cfg.eval_batches, mesh)
+        return float(correct / max(total, 1.0))
+    return accuracy
+
+
+def stage(model_cfg: ModelConfig, cfg: RMConfig, tok, mesh, *, lm: Callable, data_shards: int = 0,
+          after: Callable | None = None, name: str = "rm") -> runner.Stage:
+    """A reward model on the LM `lm()` gives (a fresh scalar head, seed train.seed),
+    judged by held-out pairwise accuracy before and after; `after` adds entries."""
+    accuracy = heldout_accuracy(model_cfg, cfg, tok, mesh, data_shards)
+
+    def init():
+        return init_reward_params(model_cfg, lm(), jax.random.PRNGKey(cfg.train.seed), likelihood=cfg.likelihood)
+
+    def final(params) -> dict:
+        return {"pairwise_accuracy_after": accuracy(params), **(after(params) if after else {})}
+
+    return runner.Stage(
+        name, model_cfg, cfg, init=init,
+        loader=lambda _: runner.stage_loader(cfg.data, cfg.train, tok, data_shards, kind="preferences"),
+        loss=rm_loss_fn(model_cfg, cfg.data.max_segments), normalizer=pair_count,
+        before=lambda p: {"pairwise_accuracy_before": accuracy(p)}, after=final,
+        extra={"data_shards": data_shards})
+
+
+def like(model_cfg: ModelConfig, mesh, likelihood: bool) -> Params:
+    """The reward model's abstract params on the mesh (with "lm_scale" when `likelihood`)."""
+    return sharding.abstract_params(
+        lambda r: init_reward_params(model_cfg, model.init(model_cfg, r), r, likelihood=likelihood),
+        mesh, jax.random.PRNGKey(0))

@@ -1,28 +1,48 @@
-"""What every stage of an experiment does around its loss.
+"""One runner for every stage: a stage is declared once (`Stage`) and `run` does
+its lifecycle.
 
-    done = finished(stage_dir, steps)          # eval.json of a finished stage, or None
-    params = stage_params(workdir, "sft", like)  # the previous stage's weights (hand-off)
-    state, shardings = train.state_from_params(params, tx, mesh, seed)
-    state, summary = loop.run_stage(...)
-    record(stage_dir, result)                  # eval.json: the stage is finished
+    stage = sft.stage(model_cfg, cfg.sft, init=lambda: previous_params, loader=..., after=...)
+    result = runner.run(workdir, stage, mesh)     # eval.json's dict, or None if stopped early
 
-A stage is finished when its eval.json exists and was written for the same
-number of steps; rerunning an experiment skips finished stages and resumes an
-interrupted one from its checkpoints (`loop.run_stage`).
+`run`: finished already? (eval.json for the same steps: skip) -> config.json
+(checked against the one the stage was started with) -> initial params ->
+`prepare` (work before training, e.g. DPO's reference cache) -> `before`
+(evaluation of the initial model) -> optimizer and train state (LoRA: fresh
+adapters over the frozen initial weights) -> jitted step -> `loop.run_stage`
+(resume, log, checkpoint, roll back spikes, `evaluate` every train.eval_every
+steps) -> `after` (evaluation of the final model, LoRA merged) -> eval.json,
+which marks the stage finished. Rerunning an experiment skips finished stages
+and resumes an interrupted one from its checkpoints.
+
+Every stage writes one config.json shape, which `generate.load_stage` reads
+back: {"model": ModelConfig, "lora": LoRAConfig, ...the stage's own settings
+(optim, train, data, ...)..., ...extra}.
+
+A stage whose step is not a loss over batches (PPO: rollouts, then updates)
+gives `build(params, tx, schedule) -> (state, shardings, step_fn)` instead of
+`loss`/`normalizer`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
-from llm_jax import checkpoint, sharding
-from llm_jax.config import ConfigError
-from llm_jax.rundir import write_json
+from llm_jax import checkpoint, lora, loop, model, sharding, train
+from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig, to_dict
+from llm_jax.data.loader import DataConfig, ShardedLoader, check_stage_data
+from llm_jax.errors import ConfigError
+from llm_jax.lora import LoRAConfig
+from llm_jax.rundir import say, write_json
+
+Params = Any
 
 
 def finished(stage_dir: str, steps: int) -> dict | None:
@@ -100,14 +120,6 @@ def record(stage_dir: str, result: dict) -> None:
     write_json(os.path.join(stage_dir, "eval.json"), result)
 
 
-def abstract_params(init_fn, mesh, *args) -> Any:
-    """Shapes/dtypes of `init_fn(*args)` with the shardings of the partitioning table:
-    the target a stage's weights are restored onto (any mesh shape)."""
-    shapes = jax.eval_shape(init_fn, *args)
-    shards = sharding.tree_shardings(shapes, mesh)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shards)
-
-
 def stage_params(workdir: str, stage: str, like: Any, key: str | None = None) -> Any:
     """The final params of `workdir/stage`, checked against and placed like `like`
     (an abstract tree from `abstract_params`). `key` picks a subtree of the saved
@@ -121,3 +133,182 @@ def host_params(params: Any) -> Any:
     if jax.process_count() > 1:
         params = multihost_utils.process_allgather(params, tiled=True)
     return jax.device_get(params)
+
+
+# ---------------------------------------------------------------------------
+# A stage, declared
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What one stage trains and how it is judged; `run` does the rest.
+
+    `settings` is the stage's own frozen config (it has `.optim` and `.train`;
+    recorded in config.json). The callables run only when the stage trains (a
+    finished stage is skipped without loading anything):
+      init()                 the params it starts from, placed on the mesh
+      loader(stage_dir)      its training batches (`data.loader.StageLoader`); the
+                             stage's directory is for files it reads (DPO's reference cache)
+      loss, normalizer       `train.make_train_step`'s; with `reference=True` the
+                             loss also takes the initial params, frozen (a KL reference)
+      prepare(dir, params)   work before training -> entries of eval.json
+      before(params)         evaluation of the initial model -> entries of eval.json
+      after(params)          evaluation of the final model (LoRA merged) -> entries
+                             (each names its keys, e.g. "heldout_loss_before")
+      evaluate(params)       every train.eval_every steps, logged as eval_<name>
+      build(params, tx, schedule) -> (state, shardings, step_fn)
+                             instead of loss/normalizer, for a step that is not a
+                             loss over batches (PPO)
+    With `lora.rank > 0` only adapters train, over the frozen initial params.
+    """
+
+    name: str
+    model: ModelConfig
+    settings: Any
+    init: Callable[[], Params]
+    loader: Callable[[str], Any]
+    loss: Callable | None = None
+    normalizer: Callable | None = None
+    reference: bool = False
+    prepare: Callable[[str, Params], dict] | None = None
+    before: Callable[[Params], dict] | None = None
+    after: Callable[[Params], dict] | None = None
+    evaluate: Callable[[Params], dict] | None = None
+    build: Callable[[Params, Any, Any], tuple] | None = None
+    optimizer_steps: int | None = None  # None: train.steps (PPO takes several updates a step)
+    lora: LoRAConfig = LoRAConfig()
+    extra: dict = dataclasses.field(default_factory=dict)  # more config.json entries
+
+    @property
+    def optim(self) -> OptimizerConfig:
+        return self.settings.optim
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.settings.train
+
+
+def stage_config(stage: Stage) -> dict:
+    """The one config.json shape (see the module docstring)."""
+    return {"model": to_dict(stage.model), "lora": to_dict(stage.lora), **to_dict(stage.settings),
+            **stage.extra}
+
+
+def _state_and_step(stage: Stage, params: Params, tx, schedule, mesh):
+    if stage.build is not None:
+        return (*stage.build(params, tx, schedule), None)
+    loss, frozen = stage.loss, (params if stage.reference else None)
+    if stage.lora.enabled:
+        # Adapters train; the initial weights are the frozen base (and the reference, if any).
+        adapters = lora.init_adapters(stage.lora, stage.model, jax.random.PRNGKey(stage.train.seed))
+        state, shardings = train.state_from_params(adapters, tx, mesh, stage.train.seed)
+        loss, frozen = lora.lora_loss_fn(loss, stage.lora, base_as_reference=stage.reference), params
+    else:
+        state, shardings = train.state_from_params(params, tx, mesh, stage.train.seed)
+    step = train.jit_train_step(train.make_train_step(loss, stage.normalizer, tx, schedule,
+                                                      stage.train.microbatches), mesh, shardings)
+    step_fn = step if frozen is None else (lambda s, b: step(s, b, frozen))
+    return state, shardings, step_fn, frozen
+
+
+def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = say) -> dict | None:
+    """Trains and evaluates `stage` in workdir/<name>: its eval.json dict, or None
+    when it stopped early (train.stop_after). A finished stage is read, not rerun."""
+    stage_dir = os.path.join(workdir, stage.name)
+    done = begin(stage_dir, stage.train.steps, stage_config(stage))
+    if done is not None:
+        progress(f"{stage.name}: already finished ({stage_dir}/eval.json)")
+        return done
+    params = stage.init()
+    result: dict = {"steps": stage.train.steps}
+    if stage.prepare is not None:
+        result.update(stage.prepare(stage_dir, params))
+    if stage.before is not None:
+        result.update(stage.before(params))
+    tx, schedule = train.make_optimizer(stage.optim, stage.optimizer_steps or stage.train.steps)
+    state, shardings, step_fn, frozen = _state_and_step(stage, params, tx, schedule, mesh)
+    del params  # without LoRA or a reference, the step must not keep the initial copy alive
+    loader = stage.loader(stage_dir)
+    state, summary = loop.run_stage(stage_dir, state, shardings, step_fn, loader, mesh, stage.train,
+                                    progress=progress, evaluate=stage.evaluate)
+    if not summary["finished"]:
+        progress(f"{stage.name}: stopped at step {stage.train.stop_after} of {stage.train.steps} "
+                 "(train.stop_after); rerun the same command to continue")
+        return None
+    result["train_seconds"] = summary["seconds"]
+    final = lora.merge(frozen, state.params, stage.lora) if stage.lora.enabled else state.params
+    if stage.after is not None:
+        result.update(stage.after(final))
+    if stage.lora.enabled:
+        result["lora"] = lora.summary(stage.lora, state.params, frozen)
+    stats = getattr(loader, "stats", None)
+    if stats:
+        result["data"] = stats
+    record(stage_dir, result)
+    return result
+
+
+# ---------------------------------------------------------------------------
+# What stages share: checks before any stage trains, loaders, held-out sums
+
+
+def check(name: str, settings: Any, model_cfg: ModelConfig, mesh, *, kind: str | None = None,
+          data_shards: int = 0) -> None:
+    """A stage's config mistakes, found before the first stage of the run trains:
+    the batch against the mesh, the sequence against the model, the data's record
+    kind, and data.seq_len/batch_size (which come from train.*: one source)."""
+    tr: TrainConfig = settings.train
+    tr.validate(f"{name}.train")
+    settings.optim.validate(f"{name}.optim")
+    sharding.check_batch_fits_mesh(tr.batch_size, tr.microbatches, mesh)
+    if tr.seq_len > model_cfg.max_len:
+        raise ConfigError(f"{name}.train.seq_len={tr.seq_len} exceeds model.max_len={model_cfg.max_len}")
+    data: DataConfig | None = getattr(settings, "data", None)
+    if data is None:
+        return
+    for field in ("seq_len", "batch_size"):
+        if getattr(data, field) is not None:
+            raise ConfigError(f"{name}.data.{field}={getattr(data, field)}: a stage's rows come from "
+                              f"{name}.train.{field} (one setting, one place); set that instead")
+    if data_shards < 0:
+        raise ConfigError(f"data_shards={data_shards} must be >= 0 (0: one per process)")
+    shards = data_shards or jax.process_count()
+    if shards % jax.process_count() or tr.batch_size % shards:
+        raise ConfigError(f"data_shards={data_shards}: {shards} data shards must be a multiple of the "
+                          f"{jax.process_count()} processes and divide {name}.train.batch_size={tr.batch_size}")
+    if kind is not None:
+        check_stage_data(data, kind)
+
+
+def stage_loader(data: DataConfig, tr: TrainConfig, tok, data_shards: int = 0, **overrides) -> ShardedLoader:
+    """The stage's batches: `data` with rows of tr.seq_len tokens, tr.batch_size rows
+    a step over all processes, in `data_shards` shards (0: one per process)."""
+    config = dataclasses.replace(data, seq_len=tr.seq_len, batch_size=tr.batch_size, **overrides)
+    return ShardedLoader(config, tok, data_shards or jax.process_count())
+
+
+def fresh_params(model_cfg: ModelConfig, mesh, seed: int) -> Params:
+    """A new model's params, born sharded on the mesh: the same values
+    `train.create_train_state` gives for `seed` (its first key split)."""
+    like = sharding.abstract_params(lambda r: model.init(model_cfg, r), mesh, jax.random.PRNGKey(0))
+    init = jax.jit(lambda r: model.init(model_cfg, r), out_shardings=jax.tree.map(lambda x: x.sharding, like))
+    return init(jax.random.split(jax.random.PRNGKey(seed))[0])
+
+
+def model_like(model_cfg: ModelConfig, mesh) -> Params:
+    """The abstract params of `model_cfg` on the mesh: what a hand-off restores onto."""
+    return sharding.abstract_params(lambda r: model.init(model_cfg, r), mesh, jax.random.PRNGKey(0))
+
+
+def heldout_sums(fn: Callable, params: Params, loader, batches: int, mesh, start: dict | None = None
+                 ) -> np.ndarray:
+    """The sums of `fn(params, batch)`'s outputs (a tuple of scalars) over at most
+    `batches` batches of `loader`, restarted at `start` when given (the same batches
+    every time), as float64 on the host."""
+    if start is not None:
+        loader.set_state(start)
+    total = None
+    for _, batch in zip(range(batches), loader):
+        out = np.array([float(x) for x in fn(params, sharding.shard_batch(batch, mesh))])
+        total = out if total is None else total + out
+    return total

@@ -15,11 +15,16 @@ closure, so jit does not bake them into the program as constants.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import jax
 
 from llm_jax import losses, model
-from llm_jax.config import ModelConfig
-from llm_jax.stages import pretrain
+from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
+from llm_jax.data.loader import DataConfig
+from llm_jax.lora import LoRAConfig
+from llm_jax.stages import pretrain, runner
 
 # The global normalizer: the number of scored (response + eos) tokens.
 weight_sum = pretrain.weight_sum
@@ -75,3 +80,29 @@ def eval_loss(model_cfg: ModelConfig, params, batch) -> tuple[jax.Array, jax.Arr
     pretraining evaluation read on those tokens only; exp(sum / count) is the
     response perplexity."""
     return pretrain.eval_loss(model_cfg, params, batch)
+
+
+# ---------------------------------------------------------------------------
+# The stage
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """An SFT stage; data.seq_len and data.batch_size come from train.*."""
+
+    optim: OptimizerConfig = OptimizerConfig(lr=2e-5, warmup_steps=100, weight_decay=0.0)
+    train: TrainConfig = TrainConfig(steps=2000, batch_size=64, seq_len=1024, log_every=20)
+    data: DataConfig = DataConfig(source="builtin:sft")
+    kl_coef: float = 0.0  # > 0: + kl_coef * KL(pi || initial model) per scored token
+
+
+def stage(model_cfg: ModelConfig, cfg: SFTConfig, tok, *, init: Callable, data_shards: int = 0,
+          before: Callable | None = None, after: Callable | None = None, lora: LoRAConfig = LoRAConfig(),
+          name: str = "sft") -> runner.Stage:
+    """SFT from the params `init()` gives (an earlier stage's), with those params as the
+    frozen KL reference when cfg.kl_coef > 0; `before`/`after` judge the model."""
+    return runner.Stage(
+        name, model_cfg, cfg, init=init,
+        loader=lambda _: runner.stage_loader(cfg.data, cfg.train, tok, data_shards, kind="sft"),
+        loss=sft_loss_fn(model_cfg, cfg.kl_coef), normalizer=weight_sum, reference=cfg.kl_coef > 0,
+        before=before, after=after, lora=lora, extra={"data_shards": data_shards})
