@@ -12,6 +12,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import errno
+import logging
 import signal
 import sys
 from typing import Callable
@@ -30,6 +31,9 @@ def run(main: Callable[[], int | None]) -> int:
     def stop(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
     previous = signal.signal(signal.SIGTERM, stop)
+    # Orbax's notices (a read-only manager for a hand-off, save intervals) are not for a
+    # command's user; its failures arrive as exceptions, which are reported.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     try:
         return main() or 0
     except KeyboardInterrupt as e:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import logging
 import os
 import sys
 import typing
@@ -304,5 +303,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only notices are not for CLI users
     sys.exit(cli.run(lambda: main(sys.argv[1:])))

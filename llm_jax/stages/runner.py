@@ -215,6 +215,8 @@ def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = s
     """Trains and evaluates `stage` in workdir/<name>: its eval.json dict, or None
     when it stopped early (train.stop_after). A finished stage is read, not rerun."""
     stage_dir = os.path.join(workdir, stage.name)
+    if stage.build is None:  # a batch that does not fit the mesh stops here, not inside XLA
+        check(stage.name, stage.settings, stage.model, mesh)
     done = begin(stage_dir, stage.train.steps, stage_config(stage))
     if done is not None:
         progress(f"{stage.name}: already finished ({stage_dir}/eval.json)")
