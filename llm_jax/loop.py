@@ -29,7 +29,7 @@ from llm_jax import sharding
 from llm_jax.checkpoint import Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
 from llm_jax.data.loader import restore_per_process, stats_metrics
-from llm_jax.errors import ConfigError, TrainingDiverged
+from llm_jax.errors import ConfigError, DataError, TrainingDiverged
 from llm_jax.rundir import MetricsLog, is_primary
 
 # tensorboardX's writer module imports torch whenever torch is installed (to accept
@@ -93,7 +93,7 @@ def all_loader_states(loader) -> list[str]:
     if jax.process_count() == 1:
         return [mine.decode()]
     if len(mine) > MAX_LOADER_STATE:
-        raise ValueError(f"loader state of {len(mine)} bytes exceeds {MAX_LOADER_STATE}")
+        raise DataError(f"loader state of {len(mine)} bytes exceeds {MAX_LOADER_STATE}")
     buf = np.zeros(MAX_LOADER_STATE, np.uint8)
     buf[:len(mine)] = np.frombuffer(mine, np.uint8)
     rows = np.asarray(multihost_utils.process_allgather(buf))  # [processes, MAX]

@@ -1,4 +1,4 @@
-"""LoRA: train small low-rank adapters on chosen projections, the base frozen (seed 003).
+"""LoRA: train small low-rank adapters on chosen projections, the base frozen (Hu et al., 2021, arXiv:2106.09685).
 
     adapters = init_adapters(lora_cfg, model_cfg, rng)       # only these are trained
     params = merge(base, adapters, lora_cfg)                  # W + (alpha / rank) * A @ B

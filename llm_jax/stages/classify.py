@@ -70,7 +70,7 @@ def pool(hidden: jax.Array, segment_ids: jax.Array, pooling: str, max_segments: 
     gathers and the mean a select-and-sum, so they are exact in float32 on any
     accelerator (no one-hot matmul at reduced precision)."""
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling={pooling!r}: expected one of {POOLINGS}")
+        raise ConfigError(f"pooling={pooling!r}: expected one of {POOLINGS}")
     hidden = hidden.astype(jnp.float32)
     T = hidden.shape[1]
     t = jnp.arange(T)

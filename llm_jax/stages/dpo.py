@@ -45,7 +45,7 @@ from llm_jax import losses, model, sharding
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import packing
 from llm_jax.data.loader import DataConfig, restore_per_process, stats_metrics
-from llm_jax.errors import ConfigError, DataError, ReferenceCacheError
+from llm_jax.errors import ConfigError, DataError, InputError, ReferenceCacheError
 from llm_jax.lora import LoRAConfig
 from llm_jax.rundir import say
 from llm_jax.stages import runner
@@ -90,7 +90,7 @@ def _per_token(logps: jax.Array, counts: jax.Array) -> jax.Array:
 
 def _check_width(batch, max_segments: int) -> None:
     if batch["pair_mask"].shape[-1] != max_segments:
-        raise ValueError(f"max_segments={max_segments}, but the batch's pair_mask has "
+        raise InputError(f"max_segments={max_segments}, but the batch's pair_mask has "
                          f"{batch['pair_mask'].shape[-1]} segments per row (data.max_segments)")
 
 
@@ -113,18 +113,18 @@ def dpo_loss_fn(model_cfg: ModelConfig, max_segments: int, beta: float = 0.1,
     `rejected_reward`, `reward_margin` (= beta * h) and `accuracy` (fraction of
     pairs with h > 0)."""
     if loss not in ("dpo", "ipo"):
-        raise ValueError(f"dpo_loss_fn: loss={loss!r}; expected 'dpo' or 'ipo'")
+        raise ConfigError(f"dpo_loss_fn: loss={loss!r}; expected 'dpo' or 'ipo'")
     if beta <= 0:
-        raise ValueError(f"dpo_loss_fn: beta={beta} must be positive")
+        raise ConfigError(f"dpo_loss_fn: beta={beta} must be positive")
     if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo_loss_fn: label_smoothing={label_smoothing} must be in [0, 0.5)")
+        raise ConfigError(f"dpo_loss_fn: label_smoothing={label_smoothing} must be in [0, 0.5)")
     if loss == "ipo" and label_smoothing:
-        raise ValueError("dpo_loss_fn: label_smoothing is a DPO (cDPO) option; IPO has none")
+        raise ConfigError("dpo_loss_fn: label_smoothing is a DPO (cDPO) option; IPO has none")
 
     def loss_fn(params, batch, rng, normalizer):
         missing = [k for k in REF_KEYS if k not in batch]
         if missing:
-            raise ValueError(f"DPO batch lacks {missing}: wrap the loader in CachedReferenceLoader")
+            raise InputError(f"DPO batch lacks {missing}: wrap the loader in CachedReferenceLoader")
         _check_width(batch, max_segments)
         rngs = (None, None) if model_cfg.dropout == 0 else jax.random.split(rng)
         pc, pr = (pair_logps(model_cfg, params, batch, p, max_segments, r).reshape(-1)
@@ -273,7 +273,7 @@ def build_reference_cache(model_cfg: ModelConfig, ref_params, loader, steps: int
     Runs on all processes (jit over `mesh`); each writes its own rows.
     Returns cache_dir."""
     if steps < 1:
-        raise ValueError(f"build_reference_cache: steps={steps} must be positive")
+        raise ConfigError(f"build_reference_cache: steps={steps} must be positive")
     fingerprint = _fingerprint(model_cfg, loader, reference)
     os.makedirs(cache_dir, exist_ok=True)
     _remove_partial_files(cache_dir)

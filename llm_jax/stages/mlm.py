@@ -1,4 +1,4 @@
-"""Masked-LM pretraining for an encoder (BERT; seed 003):
+"""Masked-LM pretraining for an encoder (BERT: Devlin et al., 2019, arXiv:1810.04805):
 
     L_MLM = - sum_{i in M} log p_theta(x_i | x_{\\M}) / |M|
 

@@ -59,10 +59,11 @@ import numpy as np
 import optax
 
 from llm_jax import generate, losses, model, sharding, train
-from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, TrainConfig
+from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import builtin, formats
 from llm_jax.data.loader import stats_metrics
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
+from llm_jax.errors import ConfigError, DataError, InputError
 from llm_jax.stages import reward, runner
 
 Params = Any
@@ -149,7 +150,7 @@ def create_ppo_state(params: Params, optimizer: optax.GradientTransformation, me
     and a reward-model copy. The params are an argument of the jitted init (not
     constants) and are placed by the partitioning table along with Adam's moments."""
     if set(params) != {"policy", "value"} or set(params["value"]) != {"model", "head"}:
-        raise ValueError("PPO params must be {'policy': lm params, 'value': {'model': lm params, "
+        raise InputError("PPO params must be {'policy': lm params, 'value': {'model': lm params, "
                          f"'head': scalar head}}; got keys {sorted(params)}")
 
     def init(params, rng):
@@ -457,7 +458,7 @@ def make_ppo_step(model_cfg: ModelConfig, ppo_cfg: PPOConfig, optimizer: optax.G
     """
     ppo_cfg.validate()
     if (reward_params is None) == (score_fn is None):
-        raise ValueError("make_ppo_step: give exactly one of reward_params (a reward model) and score_fn")
+        raise InputError("make_ppo_step: give exactly one of reward_params (a reward model) and score_fn")
     reward_cfg = reward_cfg or model_cfg
     if mesh is not None:
         sharding.check_batch_fits_mesh(ppo_cfg.rollout_batch, 1, mesh)
@@ -502,12 +503,13 @@ def make_ppo_step(model_cfg: ModelConfig, ppo_cfg: PPOConfig, optimizer: optax.G
     def step(state: PPOState, prompt_batch: dict) -> tuple[PPOState, dict]:
         tokens, mask = prompt_batch["tokens"], prompt_batch["mask"]
         if tokens.shape[0] != ppo_cfg.rollout_batch:
-            raise ValueError(f"prompt batch of {tokens.shape[0]} rows, but ppo.rollout_batch="
-                             f"{ppo_cfg.rollout_batch}")
+            raise ConfigError(f"prompt batch of {tokens.shape[0]} rows, but ppo.rollout_batch="
+                              f"{ppo_cfg.rollout_batch}")
         longest = tokens.shape[1] + ppo_cfg.max_new_tokens
         if model_cfg.positions == "learned" and longest > model_cfg.max_len:
-            raise ValueError(f"prompt width {tokens.shape[1]} + ppo.max_new_tokens="
-                             f"{ppo_cfg.max_new_tokens} exceeds model.max_len={model_cfg.max_len}")
+            raise ConfigError(f"prompt width {tokens.shape[1]} + ppo.max_new_tokens="
+                              f"{ppo_cfg.max_new_tokens} exceeds model.max_len={model_cfg.max_len} (learned "
+                              "positions end there): lower ppo.max_new_tokens or use shorter prompts")
         t0 = time.perf_counter()
         batch, shuffle_key = run(sample, state.params["policy"], tokens, mask, state.rng, state.step)
         t1 = time.perf_counter()
@@ -560,20 +562,20 @@ class PromptLoader:
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
         if batch_size <= 0 or batch_size % shard_count:
-            raise ValueError(f"PromptLoader: batch_size={batch_size} must be a positive multiple of "
-                             f"the shard count {shard_count}")
+            raise ConfigError(f"PromptLoader: batch_size={batch_size} must be a positive multiple of "
+                              f"the shard count {shard_count}")
         if not 0 <= shard_index < shard_count:
-            raise ValueError(f"PromptLoader: shard_index={shard_index} not in [0, {shard_count})")
+            raise InputError(f"PromptLoader: shard_index={shard_index} not in [0, {shard_count})")
         if prompt_len is not None and prompt_len <= 0:
-            raise ValueError(f"PromptLoader: prompt_len={prompt_len} must be positive")
+            raise ConfigError(f"PromptLoader: prompt_len={prompt_len} must be positive")
         encoded = [formats.prompt_tokens(tok, p) for p in prompts]
         if not encoded:
-            raise ValueError("PromptLoader: no prompts")
+            raise DataError("PromptLoader: no prompts")
         width = prompt_len if prompt_len is not None else max(len(e) for e in encoded)
         self.prompts = [e for e in encoded if len(e) <= width]
         skipped = len(encoded) - len(self.prompts)
         if not self.prompts:
-            raise ValueError(f"PromptLoader: all {len(encoded)} prompts are longer than prompt_len={width}")
+            raise DataError(f"PromptLoader: all {len(encoded)} prompts are longer than prompt_len={width}")
         self.prompt_len, self.batch_size, self.seed = width, batch_size, seed
         self.rows, self.shard_index = batch_size // shard_count, shard_index
         self.pad_id = tok.pad_id
@@ -610,8 +612,8 @@ class PromptLoader:
     def set_state(self, state: dict) -> None:
         for key, mine in (("seed", self.seed), ("size", len(self.prompts))):
             if state.get(key) != mine:
-                raise ValueError(f"PromptLoader state was saved with {key}={state.get(key)!r}, this loader "
-                                 f"has {key}={mine!r}: it would not continue the same stream")
+                raise DataError(f"PromptLoader state was saved with {key}={state.get(key)!r}, this loader "
+                                f"has {key}={mine!r}: it would not continue the same stream")
         self.position = int(state["position"])
 
     def restore(self, states: list[dict]) -> None:

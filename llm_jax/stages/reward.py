@@ -44,6 +44,7 @@ import numpy as np
 from llm_jax import losses, model, sharding
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data.loader import DataConfig
+from llm_jax.errors import InputError
 from llm_jax.stages import runner
 
 Params = Any
@@ -84,7 +85,7 @@ def sequence_rewards(model_cfg: ModelConfig, params, inputs, positions, segment_
     if not is_likelihood_model(params):
         return out
     if targets is None or weights is None:
-        raise ValueError("a likelihood reward model (params with 'lm_scale') needs targets and weights")
+        raise InputError("a likelihood reward model (params with 'lm_scale') needs targets and weights")
     return out + likelihood_term(model_cfg, params, hidden, targets, weights, segment_ids, max_segments)
 
 
@@ -116,13 +117,13 @@ def score_sequences(model_cfg: ModelConfig, params, token_lists, *, response_sta
     response and the eos after it, as in training."""
     lengths = [len(t) for t in token_lists]
     if not lengths or min(lengths) == 0:
-        raise ValueError("score_sequences: needs at least one non-empty token list")
+        raise InputError("score_sequences: needs at least one non-empty token list")
     if model_cfg.positions == "learned" and max(lengths) > model_cfg.max_len:
-        raise ValueError(f"score_sequences: a sequence of {max(lengths)} tokens exceeds "
+        raise InputError(f"score_sequences: a sequence of {max(lengths)} tokens exceeds "
                          f"model.max_len={model_cfg.max_len} (learned positions)")
     likelihood = is_likelihood_model(params)
     if likelihood and (response_starts is None or eos_id is None):
-        raise ValueError("score_sequences: a likelihood reward model needs response_starts and eos_id")
+        raise InputError("score_sequences: a likelihood reward model needs response_starts and eos_id")
     width = -(-max(lengths) // PAD_TO) * PAD_TO
     tokens, segment_ids, targets = (np.zeros((len(lengths), width), np.int32) for _ in range(3))
     weights = np.zeros((len(lengths), width), np.float32)
@@ -132,7 +133,7 @@ def score_sequences(model_cfg: ModelConfig, params, token_lists, *, response_sta
         if likelihood:
             start = response_starts[i]
             if not 1 <= start <= len(seq):
-                raise ValueError(f"score_sequences: response_starts[{i}]={start} is outside 1..{len(seq)}")
+                raise InputError(f"score_sequences: response_starts[{i}]={start} is outside 1..{len(seq)}")
             targets[i, :len(seq)] = list(seq[1:]) + [eos_id]
             weights[i, start - 1:len(seq)] = 1.0  # the targets from the first response token to the eos
     return _score_rows(model_cfg, params, tokens, segment_ids, targets, weights)
@@ -141,7 +142,7 @@ def score_sequences(model_cfg: ModelConfig, params, token_lists, *, response_sta
 def _pair_rewards(model_cfg, params, batch, max_segments, dropout_rng=None):
     """(chosen [R, S], rejected [R, S]) rewards of a preference batch."""
     if batch["pair_mask"].shape[-1] != max_segments:
-        raise ValueError(f"max_segments={max_segments}, but the batch's pair_mask has "
+        raise InputError(f"max_segments={max_segments}, but the batch's pair_mask has "
                          f"{batch['pair_mask'].shape[-1]} segments per row (data.max_segments)")
     rngs = (None, None) if dropout_rng is None else jax.random.split(dropout_rng)
     return tuple(

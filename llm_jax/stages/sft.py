@@ -1,5 +1,5 @@
 """Supervised fine-tuning (SFT): completion-only cross-entropy, optionally KL-tied
-to the pretrained model (seed 002):
+to the pretrained model (the KL-regularized fine-tuning of Ziegler et al., 2019, arXiv:1909.08593):
 
     L(theta) = L_SFT(theta) + lambda * KL(pi_theta || pi_pretrained)
 
@@ -23,6 +23,7 @@ import jax
 from llm_jax import losses, model
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data.loader import DataConfig
+from llm_jax.errors import ConfigError, InputError
 from llm_jax.lora import LoRAConfig
 from llm_jax.stages import pretrain, runner
 
@@ -49,14 +50,14 @@ def sft_loss_fn(model_cfg: ModelConfig, kl_coef: float = 0.0):
     mean KL per scored token (before kl_coef). The returned loss is ce + kl_coef * kl.
     """
     if kl_coef < 0:
-        raise ValueError(f"sft_loss_fn: kl_coef={kl_coef} must be >= 0")
+        raise ConfigError(f"sft_loss_fn: kl_coef={kl_coef} must be >= 0")
 
     def loss_fn(params, batch, rng, normalizer, frozen=None):
         if kl_coef > 0 and frozen is None:
-            raise ValueError(f"sft_loss_fn(kl_coef={kl_coef}) needs the reference params: "
+            raise InputError(f"sft_loss_fn(kl_coef={kl_coef}) needs the reference params: "
                              "call the train step as step(state, batch, frozen=ref_params)")
         if kl_coef == 0 and frozen is not None:
-            raise ValueError("sft_loss_fn(kl_coef=0) got reference params it would not use; "
+            raise InputError("sft_loss_fn(kl_coef=0) got reference params it would not use; "
                              "drop `frozen` (it costs a forward pass and memory) or set kl_coef > 0")
         dropout_rng = rng if model_cfg.dropout > 0 else None
         logits = _logits(model_cfg, params, batch, dropout_rng)
