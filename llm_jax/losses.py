@@ -919,6 +919,283 @@ def classification_loss(logits, labels, weights=None, *, normalizer=None, reduct
     return masked_mean(-token_logprobs(logits, labels), weights, normalizer, reduction=reduction)
 
 
+# ---------------------------------------------------------------------------
+# RL from verifiable rewards: group-relative advantages, GRPO and its variants
+# (DAPO, Dr. GRPO), RLOO and REINFORCE. No value model: each prompt's G sampled
+# responses are scored by a program and compared with one another.
+# ---------------------------------------------------------------------------
+
+ADVANTAGE_SCALES = ("std", "none")
+AGGREGATIONS = ("token", "sequence", "fixed")
+
+
+def group_advantages(rewards, group_size, *, scale="std", leave_one_out=False, eps=1e-4):
+    """Group-relative advantages: each sampled response's reward against its group's.
+
+        rows [i G, (i + 1) G) are the G = group_size responses to prompt i; for row b
+        in group g:
+        mean_g = sum_{j in g} r_j / G
+        std_g  = sqrt(sum_{j in g} (r_j - mean_g)^2 / (G - 1))      (sample std, ddof=1)
+        base_b = mean_g                                 (default)
+               = (sum_{j in g} r_j - r_b) / (G - 1)     (leave_one_out: the other G - 1)
+        A_b    = (r_b - base_b) / (std_g + eps)         (scale="std")
+               = r_b - base_b                           (scale="none")
+
+    With leave_one_out, r_b - base_b = G / (G - 1) (r_b - mean_g): the same
+    direction as the plain mean baseline, scaled, but the baseline no longer
+    depends on r_b, so the estimate of the policy gradient is unbiased.
+
+    The settings of the literature: scale="std" is GRPO (Shao et al. 2024) and
+    DAPO (Yu et al. 2025); scale="none" is Dr. GRPO (Liu et al. 2025), which
+    drops the std because it weights too-easy and too-hard prompts (small std)
+    up; scale="none", leave_one_out=True is RLOO (Ahmadian et al. 2024, after
+    Kool et al. 2019). A group whose rewards are all equal (every response
+    right, or every one wrong) gets A = 0 exactly, for any eps (never 0 / 0):
+    it carries no learning signal.
+
+    Args:
+        rewards: [B] one scalar reward per sampled response, B a multiple of G.
+        group_size: G, a Python int known at trace time; >= 2 for scale="std"
+            or leave_one_out (a std or a mean of the others needs two samples).
+        scale: "std" (divide by std_g + eps) or "none".
+        leave_one_out: the baseline is the mean of the group's other G - 1
+            rewards instead of the group's mean.
+        eps: added to std_g (>= 0), so a group of nearly equal rewards does not
+            blow up.
+
+    Returns:
+        [B] advantages, float32 (float64 under x64 for float64 inputs).
+
+    References:
+        Shao et al., `DeepSeekMath: Pushing the Limits of Mathematical Reasoning
+        in Open Language Models <https://arxiv.org/abs/2402.03300>`_, 2024 (GRPO);
+        Liu et al., `Understanding R1-Zero-Like Training: A Critical Perspective
+        <https://arxiv.org/abs/2503.20783>`_, 2025 (Dr. GRPO);
+        Ahmadian et al., `Back to Basics: Revisiting REINFORCE Style Optimization
+        for Learning from Human Feedback in LLMs
+        <https://arxiv.org/abs/2402.14740>`_, 2024 (RLOO);
+        Kool et al., `Buy 4 REINFORCE Samples, Get a Baseline for Free!
+        <https://openreview.net/forum?id=r1lgTGL5DE>`_, 2019
+    """
+    fn = "group_advantages"
+    if scale not in ADVANTAGE_SCALES:
+        raise InputError(f"{fn}: scale={scale!r}; pass scale='std' (GRPO, DAPO) or 'none' "
+                         "(Dr. GRPO, RLOO)")
+    size = _static_value(group_size)
+    if size is None or not 1 <= size < float("inf") or size != int(size):
+        raise InputError(f"{fn}: group_size={group_size!r} must be a positive Python int known at "
+                         "trace time (the number of responses sampled per prompt)")
+    size = int(size)
+    if size < 2 and (scale == "std" or leave_one_out):
+        need = "scale='std'" if scale == "std" else "leave_one_out=True"
+        raise InputError(f"{fn}: group_size=1 with {need}: a sample std or a mean of the other "
+                         "responses needs group_size >= 2")
+    _check_range(fn, "eps", eps, 0.0, float("inf"))
+    rewards = _float(rewards)
+    _rank(rewards, 1, message=f"{fn}: rewards must be [B], one reward per response")
+    if rewards.shape[0] % size:
+        raise InputError(f"{fn}: rewards must be [B] with B a multiple of group_size={size} (rows "
+                         f"[i*G, (i+1)*G) are prompt i's responses); got shape {rewards.shape}")
+    groups = rewards.reshape(-1, size)  # [B / G, G]
+    total = jnp.sum(groups, axis=-1, keepdims=True)
+    mean = total / size
+    if leave_one_out:
+        deviation = groups - (total - groups) / (size - 1)
+    else:
+        deviation = groups - mean
+    # All equal -> exactly 0. The sum of G equal floats / G need not give the
+    # float back, so `r - mean` alone could leave a rounding residue.
+    constant = jnp.max(groups, axis=-1, keepdims=True) == jnp.min(groups, axis=-1, keepdims=True)
+    if scale == "std":
+        variance = jnp.sum((groups - mean) ** 2, axis=-1, keepdims=True) / (size - 1)
+        # sqrt's derivative at 0 is infinite; keep 0 out of it so gradients stay finite.
+        std = jnp.where(variance > 0, jnp.sqrt(jnp.where(variance > 0, variance, 1.0)), 0.0)
+        deviation = deviation / jnp.where(constant, 1.0, std + eps)
+    return jnp.where(constant, 0.0, deviation).reshape(rewards.shape)
+
+
+def grpo_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    weights,
+    *,
+    clip_eps=0.2,
+    clip_eps_high=None,
+    ref_logprobs=None,
+    kl_coef=0.0,
+    aggregation="token",
+    max_len=None,
+    normalizer=None,
+    reduction="mean",
+):
+    """GRPO's clipped policy loss with one advantage per sequence, and its variants.
+
+        r_{b,t} = exp(log pi(a_{b,t}) - log pi_old(a_{b,t}))
+        k3_{b,t} = exp(q_{b,t}) - q_{b,t} - 1,   q = log pi_ref(a_{b,t}) - log pi(a_{b,t})
+        l_{b,t} = -min(r A_b, clip(r, 1 - eps_low, 1 + eps_high) A_b)_{b,t} + kl_coef k3_{b,t}
+        L = sum_{b,t} v_{b,t} l_{b,t} / D, by `aggregation`:
+          "token"     v_{b,t} = w_{b,t},                   D = normalizer or sum_{b,t} w_{b,t}
+          "sequence"  v_{b,t} = w_{b,t} / sum_t' w_{b,t'},  D = normalizer or B
+          "fixed"     v_{b,t} = w_{b,t},                   D = normalizer or B max_len
+
+    The aggregation is what tells the published variants apart (with
+    `group_advantages` for A):
+
+    * "sequence": GRPO (Shao et al. 2024, eq. 3): each response's mean over its
+      own tokens, then the mean over responses. A token of a long response
+      weighs less than one of a short response, so long wrong answers are
+      penalized less per token.
+    * "token": DAPO (Yu et al. 2025, eq. 8, "token-level policy gradient
+      loss"): every token of the batch weighs the same. DAPO also raises the
+      upper clip (eps_high = 0.28 > eps_low = 0.2, "clip-higher") so that
+      unlikely tokens can gain probability, and drops the KL term.
+    * "fixed": Dr. GRPO (Liu et al. 2025): a constant denominator, B times the
+      generation budget max_len, so no response's length changes the weight of
+      its tokens (no length bias).
+
+    r's denominator pi_old and the advantages come from sampling: no gradient
+    flows into `old_logprobs`, `advantages` or `ref_logprobs`. The optional
+    penalty k3 is Schulman's (2020) "k3" estimator of KL(pi || pi_ref) from
+    tokens sampled from pi: non-negative, unbiased, and low-variance; GRPO adds
+    it to the loss rather than to the reward.
+
+    The global normalizer: across micro-batches and data-parallel shards pass the
+    whole batch's D, e.g. its weight sum ("token"), its number of rows
+    ("sequence") or B max_len ("fixed"); the shards' losses and gradients then
+    add up to the full batch's exactly. With "sequence", an all-padding row
+    counts in the default D = B and contributes 0 (never 0 / 0).
+
+    Args:
+        logprobs: [B, T] log-probs of the sampled tokens under the current policy.
+        old_logprobs: [B, T] same under the sampling policy (constants).
+        advantages: [B] one advantage per response (e.g. `group_advantages`).
+        weights: [B, T] token weights w: 1 on response tokens, 0 on the prompt
+            and padding.
+        clip_eps: eps_low in [0, 1]: the ratio is clipped below at 1 - eps_low.
+        clip_eps_high: eps_high >= 0, the ratio is clipped above at 1 + eps_high;
+            None means eps_high = clip_eps (PPO's symmetric clip).
+        ref_logprobs: optional [B, T] log-probs under a frozen reference, for the
+            KL penalty.
+        kl_coef: coefficient of k3. Without `ref_logprobs` it must be 0: a known
+            non-zero value raises InputError, and so does a traced one.
+        aggregation: "token" (DAPO), "sequence" (GRPO) or "fixed" (Dr. GRPO).
+        max_len: the generation budget in tokens: "fixed"'s default D is
+            B max_len, so it is required with "fixed" when no normalizer is
+            given; unused otherwise.
+        normalizer: optional scalar denominator D (the global one, see above).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
+
+    Returns:
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
+
+    References:
+        Shao et al., `DeepSeekMath: Pushing the Limits of Mathematical Reasoning
+        in Open Language Models <https://arxiv.org/abs/2402.03300>`_, 2024 (GRPO);
+        Yu et al., `DAPO: An Open-Source LLM Reinforcement Learning System at
+        Scale <https://arxiv.org/abs/2503.14476>`_, 2025;
+        Liu et al., `Understanding R1-Zero-Like Training: A Critical Perspective
+        <https://arxiv.org/abs/2503.20783>`_, 2025 (Dr. GRPO);
+        Schulman, `Approximating KL Divergence
+        <http://joschu.net/blog/kl-approx.html>`_, 2020 (k3)
+    """
+    fn = "grpo_loss"
+    _check_reduction(fn, reduction)
+    if aggregation not in AGGREGATIONS:
+        raise InputError(f"{fn}: aggregation={aggregation!r}; pass 'token' (DAPO), 'sequence' "
+                         "(GRPO) or 'fixed' (Dr. GRPO)")
+    _check_range(fn, "clip_eps", clip_eps, 0.0, 1.0, high_open=False)
+    if clip_eps_high is None:
+        clip_eps_high = clip_eps
+    _check_range(fn, "clip_eps_high", clip_eps_high, 0.0, float("inf"))
+    rollout = dict(logprobs=logprobs, old_logprobs=old_logprobs, weights=weights)
+    if ref_logprobs is not None:
+        rollout["ref_logprobs"] = ref_logprobs
+    _check_rollout(fn, **rollout)
+    _shape(advantages, jnp.shape(logprobs)[:1],
+           message=f"{fn}: advantages must be [B] (logprobs.shape[:1]), one per response")
+    if aggregation == "fixed" and normalizer is None:
+        if max_len is None:
+            raise InputError(f"{fn}: aggregation='fixed' divides by B * max_len (Dr. GRPO); pass "
+                             "max_len (the generation budget in tokens) or a normalizer")
+        _check_positive(fn, "max_len", max_len)
+    logprobs = _float(logprobs)
+    old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
+    advantages = jax.lax.stop_gradient(_float(advantages))[:, None]
+    ratio = jnp.exp(logprobs - old_logprobs)
+    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
+    per_token = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+    if ref_logprobs is not None:
+        log_ratio = jax.lax.stop_gradient(_float(ref_logprobs)) - logprobs
+        per_token = per_token + kl_coef * (jnp.exp(log_ratio) - log_ratio - 1.0)
+    else:
+        value = _static_value(kl_coef)
+        if value is None:
+            raise InputError(f"{fn}: kl_coef is a traced value, so it cannot be checked to be 0 "
+                             "without ref_logprobs; pass ref_logprobs, or leave kl_coef at 0")
+        if value != 0:
+            raise InputError(f"{fn}: kl_coef={kl_coef} needs ref_logprobs (without them the KL "
+                             "term would be dropped)")
+    weights = _float(weights)
+    rows = weights.shape[0]
+    if aggregation == "sequence":
+        lengths = jnp.sum(weights, axis=-1, keepdims=True)
+        # An all-padding row keeps weights 0 (a where, so no 0 / 0 in the gradient).
+        weights = weights / jnp.where(lengths > 0, lengths, 1.0)
+        normalizer = rows if normalizer is None else normalizer
+    elif aggregation == "fixed" and normalizer is None:
+        normalizer = rows * max_len
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
+
+
+def reinforce_loss(logprobs, advantages, weights, *, normalizer=None, reduction="mean"):
+    """REINFORCE: the score-function policy gradient with one advantage per sequence.
+
+        L = -sum_{b,t} w_{b,t} A_b log pi(a_{b,t}) / D,   D = normalizer or B
+
+    so grad L = -sum_b A_b grad log pi(y_b) / D, with log pi(y_b) the response's
+    summed log-prob: Williams' (1992) estimator. A is the reward minus a
+    baseline, e.g. `group_advantages(..., scale="none", leave_one_out=True)`
+    (RLOO, the loss of Ahmadian et al. 2024 without a ratio). The default D is
+    the number of rows B (a mean over responses, padding rows included), not the
+    weight sum as in the token losses; pass the whole batch's B as the global
+    normalizer across micro-batches and shards. No gradient flows into
+    `advantages`.
+
+    Args:
+        logprobs: [B, T] log-probs of the sampled tokens under the current policy.
+        advantages: [B] one advantage per response.
+        weights: [B, T] token weights (1 on response tokens, 0 on prompt and
+            padding).
+        normalizer: optional scalar denominator D (e.g. the global number of rows).
+        reduction: "mean" (the scalar L) or "per_example" ([B], each row's share
+            of L; they sum to L).
+
+    Returns:
+        A scalar ([B] for reduction="per_example"), float32 (float64 under x64
+        for float64 inputs).
+
+    References:
+        Williams, `Simple Statistical Gradient-Following Algorithms for
+        Connectionist Reinforcement Learning
+        <https://doi.org/10.1007/BF00992696>`_, 1992;
+        Ahmadian et al., `Back to Basics: Revisiting REINFORCE Style Optimization
+        for Learning from Human Feedback in LLMs
+        <https://arxiv.org/abs/2402.14740>`_, 2024
+    """
+    fn = "reinforce_loss"
+    _check_reduction(fn, reduction)
+    _check_rollout(fn, logprobs=logprobs, weights=weights)
+    _shape(advantages, jnp.shape(logprobs)[:1],
+           message=f"{fn}: advantages must be [B] (logprobs.shape[:1]), one per response")
+    advantages = jax.lax.stop_gradient(_float(advantages))[:, None]
+    per_token = -advantages * _float(logprobs)
+    normalizer = jnp.shape(logprobs)[0] if normalizer is None else normalizer
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
+
+
 # The losses by name. Every entry is called the same way:
 #
 #     LOSSES[name](*arrays, **options) -> scalar    ([B] with reduction="per_example")
@@ -935,6 +1212,10 @@ def classification_loss(logits, labels, weights=None, *, normalizer=None, reduct
 #     ipo             the same four [B] (per-token means);  beta=0.1, weights=None
 #     ppo_policy      logprobs, old_logprobs, advantages, weights [B,T];  clip_eps=0.2
 #     ppo_value       values, old_values, returns, weights [B,T];  clip_eps=0.2
+#     grpo            logprobs, old_logprobs, advantages [B], weights [B,T];  clip_eps=0.2,
+#                     clip_eps_high=None, ref_logprobs=None [B,T], kl_coef=0,
+#                     aggregation="token", max_len=None
+#     reinforce       logprobs [B,T], advantages [B], weights [B,T]
 LOSSES = {
     "clm": clm_loss,
     "mlm": mlm_loss,
@@ -945,4 +1226,6 @@ LOSSES = {
     "ppo_policy": ppo_policy_loss,
     "ppo_value": ppo_value_loss,
     "classification": classification_loss,
+    "grpo": grpo_loss,
+    "reinforce": reinforce_loss,
 }

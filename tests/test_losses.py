@@ -203,6 +203,10 @@ def loss_cases(dtype=np.float32):
         "ipo": ((pc / 5, pr / 5, rc / 5, rr / 5), {"beta": 0.3, "weights": pair_weights}),
         "ppo_policy": ((old + 0.3 * f(B, T), old, f(B, T), weights), {"clip_eps": 0.2}),
         "ppo_value": ((old + 0.3 * f(B, T), old, f(B, T), weights), {"clip_eps": 0.2}),
+        "grpo": ((old + 0.3 * f(B, T), old, f(B), weights),
+                 {"clip_eps_high": 0.28, "ref_logprobs": old - 0.2 * f(B, T), "kl_coef": 0.1,
+                  "aggregation": "sequence"}),
+        "reinforce": ((old + 0.3 * f(B, T), f(B), weights), {}),
     }
 
 
@@ -210,7 +214,8 @@ def zero_weights(name, arrays, options):
     """The same case with every weight 0 (an all-padding shard)."""
     if "weights" in options:
         return arrays, dict(options, weights=np.zeros_like(options["weights"]))
-    index = {"sft": 2, "classification": 2}.get(name, len(arrays) - 1 if name.startswith("ppo") else 2)
+    index = {"sft": 2, "classification": 2, "grpo": 3}.get(
+        name, len(arrays) - 1 if name.startswith("ppo") else 2)
     arrays = list(arrays)
     arrays[index] = np.zeros_like(arrays[index])
     return tuple(arrays), options
@@ -944,6 +949,8 @@ ARRAYS = {
     "ipo": ["policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps"],
     "ppo_policy": ["logprobs", "old_logprobs", "advantages", "weights"],
     "ppo_value": ["values", "old_values", "returns", "weights"],
+    "grpo": ["logprobs", "old_logprobs", "advantages", "weights"],
+    "reinforce": ["logprobs", "advantages", "weights"],
 }
 
 
@@ -1085,6 +1092,8 @@ def test_losses_registry():
         "ppo_policy": losses.ppo_policy_loss,
         "ppo_value": losses.ppo_value_loss,
         "classification": losses.classification_loss,
+        "grpo": losses.grpo_loss,
+        "reinforce": losses.reinforce_loss,
     }
 
 
