@@ -26,13 +26,11 @@ Data: prepare the corpus once as ArrayRecord (`tfds build lm1b
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 from llm_jax import cli, launch, sharding
 from llm_jax.config import MeshConfig, ModelConfig, preset
 from llm_jax.data.corpus import corpus_tokenizer, save_tokenizer
-from llm_jax.errors import ConfigError
 from llm_jax.rundir import parse_args, say, write_run_json
 from llm_jax.stages import mlm, runner
 
@@ -51,26 +49,18 @@ class Config(mlm.MLMConfig):
 def main(argv=None) -> int:
     workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
     launch.initialize()
-    cfg.model.validate()  # config mistakes before minutes of tokenizer training
     mlm.check_encoder(cfg.model)
     cfg.validate()
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_model_fits_mesh(cfg.model, mesh)
     runner.check("mlm", cfg, cfg.model, mesh, data_shards=cfg.data_shards)
-    os.makedirs(workdir, exist_ok=True)
-    tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
-    if cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} (DIR/tokenizer/ of an earlier run?)")
     write_run_json(workdir, cfg, "bert_mlm")
+    tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
     save_tokenizer(workdir, tok)
-    result = runner.run(workdir, mlm.stage(cfg.model, cfg, tok, mesh, data_shards=cfg.data_shards), mesh)
-    if result is None:
-        return 0
-    say(f"\nheld-out masked tokens: loss {result['heldout_mlm_loss_before']:.3f} -> "
-        f"{result['heldout_mlm_loss_after']:.3f}, accuracy {result['heldout_mlm_accuracy_before']:.3f} -> "
-        f"{result['heldout_mlm_accuracy_after']:.3f} ({result['train_seconds']:.0f}s of training)")
-    say(f"wrote {workdir}/run.json, tokenizer/, mlm/metrics.jsonl, mlm/eval.json")
+    r = runner.run(workdir, mlm.stage(cfg.model, cfg, tok, mesh, data_shards=cfg.data_shards), mesh)
+    if r is not None:  # None: stopped early (train.stop_after)
+        say(f"\nheld-out masked tokens: loss {r['heldout_mlm_loss_before']:.3f} -> {r['heldout_mlm_loss_after']:.3f}, "
+            f"accuracy {r['heldout_mlm_accuracy_before']:.3f} -> {r['heldout_mlm_accuracy_after']:.3f} "
+            f"({r['train_seconds']:.0f}s of training); wrote {workdir}/run.json, tokenizer/, mlm/")
     return 0
 
 

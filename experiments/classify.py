@@ -76,12 +76,10 @@ STAGES = {"classify_decoder": "decoder", "classify_encoder": "encoder"}
 
 def check_stage(field: str, st: classify.ClassifyConfig, tok, mesh) -> None:
     """Config mistakes found before anything compiles, named by their field."""
-    st.model.validate()
     st.validate(field)
     if st.data.source.startswith("builtin:classify") and st.num_classes != len(classify_data.CLASSES):
         raise ConfigError(f"{field}.num_classes={st.num_classes}, but builtin:classify has "
                           f"{len(classify_data.CLASSES)} classes {classify_data.CLASSES}")
-    sharding.check_model_fits_mesh(st.model, mesh)
     runner.check(field, st, st.model, mesh)
     try:
         check_vocab_fits(tok, st.model.vocab_size)
@@ -111,7 +109,6 @@ def main(argv=None) -> int:
     tok = run_tokenizer(cfg)
     for field in STAGES.values():
         check_stage(field, getattr(cfg, field), tok, mesh)
-    os.makedirs(workdir, exist_ok=True)
     write_run_json(workdir, cfg, "classify")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))

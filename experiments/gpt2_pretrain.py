@@ -33,14 +33,12 @@ runs the embedding matmuls a little faster. The encoder counterpart is
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 
 from llm_jax import cli, generate, launch, sharding
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset
 from llm_jax.data.corpus import corpus_texts, corpus_tokenizer, save_tokenizer
 from llm_jax.data.loader import DataConfig
-from llm_jax.errors import ConfigError
 from llm_jax.rundir import parse_args, say, write_run_json
 from llm_jax.stages import pretrain, runner
 
@@ -88,16 +86,10 @@ def continuations(cfg: Config, params, tok) -> dict:
 def main(argv=None) -> int:
     workdir, cfg = parse_args(__doc__.splitlines()[0], Config(), argv)
     launch.initialize()
-    cfg.model.validate()  # before minutes of tokenizer training
     mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check_model_fits_mesh(cfg.model, mesh)
     runner.check("pretrain", cfg, cfg.model, mesh, data_shards=cfg.data_shards)
-    os.makedirs(workdir, exist_ok=True)
-    tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
-    if cfg.model.vocab_size < tok.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} (DIR/tokenizer/ of an earlier run?)")
     write_run_json(workdir, cfg, "gpt2_pretrain")
+    tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
     save_tokenizer(workdir, tok)
     stage = pretrain.stage(cfg.model, cfg, tok, mesh, data_shards=cfg.data_shards,
                            after=lambda p: continuations(cfg, p, tok))

@@ -260,13 +260,12 @@ def main(argv=None) -> int:
             runner.check(name, dataclasses.replace(settings, data=dataclasses.replace(settings.data, source=heldout)),
                          cfg.model, mesh, kind=kind)
     cfg.dpo.validate()
-    os.makedirs(workdir, exist_ok=True)
+    write_run_json(workdir, cfg, "llama_sft_dpo")
     try:
         tok = tok or run_tokenizer(workdir, cfg)
         check_vocab_fits(tok, cfg.model.vocab_size)
     except TokenizerError as e:
         raise ConfigError(str(e)) from None
-    write_run_json(workdir, cfg, "llama_sft_dpo")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))
     if not cfg.init_from:

@@ -32,7 +32,7 @@ import random
 import sys
 import time
 
-from llm_jax import cli, evals, launch, model, report, sharding
+from llm_jax import cli, evals, launch, report, sharding
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import preferences
 from llm_jax.data.loader import DataConfig
@@ -223,8 +223,6 @@ def main(argv=None) -> int:
     launch.initialize()
     tok = ByteTokenizer()
     mesh = sharding.make_mesh(cfg.mesh)
-    cfg.model.validate()
-    sharding.check_model_fits_mesh(cfg.model, mesh)
     # Every stage's settings and records, before the first stage trains (not DPO's after SFT).
     for name, kind in (("pretrain", "pretrain"), ("sft", "sft"), ("rm", "preferences"), ("dpo", "preferences")):
         runner.check(name, getattr(cfg, name), cfg.model, mesh, kind=kind, data_shards=cfg.data_shards)
@@ -233,7 +231,6 @@ def main(argv=None) -> int:
     # Every PPO update's minibatch is split over the data axes like a training batch.
     sharding.check_batch_fits_mesh(cfg.ppo.ppo.rollout_batch,
                                    cfg.ppo.ppo.minibatches * cfg.ppo.ppo.update_microbatches, mesh)
-    os.makedirs(workdir, exist_ok=True)
     write_run_json(workdir, cfg, "pipeline")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))

@@ -63,10 +63,7 @@ def main(argv=None) -> int:
     if cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tok.vocab_size}")
-    cfg.model.validate()
-    sharding.check_model_fits_mesh(cfg.model, mesh)
     runner.check("pretrain", cfg, cfg.model, mesh, kind="pretrain", data_shards=cfg.data_shards)
-    os.makedirs(workdir, exist_ok=True)
     write_run_json(workdir, cfg, "pretrain")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))

@@ -5,22 +5,42 @@
 
 A user-fixable mistake (`llm_jax.errors.LlmJaxError`) prints `error: ...` and
 exits 2; a full or read-only disk prints the file and exits 2; SIGTERM and
-Ctrl-C stop the run after its pending checkpoint saves and exit 128 + signal.
+Ctrl-C stop the run after its pending checkpoint saves (never inside one:
+`signals_deferred`) and exit 128 + signal.
 Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from llm_jax.errors import LlmJaxError
 
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
                 errno.EEXIST, errno.EISDIR}
+
+
+# A stop signal that arrives inside `signals_deferred()` waits for the block's end.
+_deferred = {"depth": 0, "pending": None}
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGTERM and Ctrl-C (under `run`) arriving inside the block stop the run when it
+    ends, not in its middle: a checkpoint save is never cut off halfway."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        if _deferred["depth"] == 0 and _deferred["pending"] is not None:
+            name, _deferred["pending"] = _deferred["pending"], None
+            raise KeyboardInterrupt(name)
 
 
 def run(main: Callable[[], int | None]) -> int:
@@ -29,8 +49,12 @@ def run(main: Callable[[], int | None]) -> int:
     # like Ctrl-C's, so the stage loop's cleanup runs: pending checkpoint saves are
     # finished and closed before the process ends.
     def stop(signum, _frame):
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-    previous = signal.signal(signal.SIGTERM, stop)
+        name = signal.Signals(signum).name
+        if _deferred["depth"]:
+            _deferred["pending"] = name
+            return
+        raise KeyboardInterrupt(name)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     # Orbax's notices (a read-only manager for a hand-off, save intervals) are not for a
     # command's user; its failures arrive as exceptions, which are reported.
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -53,4 +77,5 @@ def run(main: Callable[[], int | None]) -> int:
               "checkpoint", file=sys.stderr)
         return 2
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -133,6 +133,20 @@ def icl_probes(task: str, shots: int, n: int, seed: int = 0) -> list[dict]:
     return [builtin.icl_probe(rng, task, shots, split="eval") for _ in range(n)]
 
 
+def _answers(cfg: ModelConfig, params, tok, prompts: list[str], answers: list[str], *, raw: bool,
+             max_new_tokens: int | None, batch_size: int, seed: int, temperature: float,
+             generate_fn: GenerateFn) -> tuple[int, list[int], list[list[int]]]:
+    """(decode budget, indices of the prompts that fit max_len with it, their outputs):
+    the budget is `max_new_tokens` or what the longest expected answer needs."""
+    encoded = [_encode_prompt(tok, p, raw=raw) for p in prompts]
+    budget = max_new_tokens or _answer_budget(tok, answers)
+    keep = [i for i, p in enumerate(encoded) if len(p) + budget <= cfg.max_len]
+    outs = decode_batched(cfg, params, [encoded[i] for i in keep], max_new_tokens=budget, eos_id=tok.eos_id,
+                          pad_id=tok.pad_id, batch_size=batch_size, seed=seed, temperature=temperature,
+                          generate_fn=generate_fn)
+    return budget, keep, outs
+
+
 def icl_accuracy(cfg: ModelConfig, params, tok, *, shots: Sequence[int] = (0, 1, 3), per_task: int = 32,
                  tasks: Sequence[str] | None = None, seed: int = 0, batch_size: int = 64,
                  max_new_tokens: int | None = None, temperature: float = 0.0,
@@ -150,12 +164,9 @@ def icl_accuracy(cfg: ModelConfig, params, tok, *, shots: Sequence[int] = (0, 1,
     otherwise count at 0 shots and drop out at k."""
     tasks, shots = _check_tasks(tasks, builtin.PRETRAIN_TASKS), list(shots)
     probes = [{**p, "shots": s} for t in tasks for s in shots for p in icl_probes(t, s, per_task, seed)]
-    prompts = [_encode_prompt(tok, p["prompt"], raw=True) for p in probes]
-    budget = max_new_tokens or _answer_budget(tok, [p["answer"] for p in probes])
-    keep = [i for i, p in enumerate(prompts) if len(p) + budget <= cfg.max_len]
-    outs = decode_batched(cfg, params, [prompts[i] for i in keep], max_new_tokens=budget,
-                          eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=batch_size, seed=seed,
-                          temperature=temperature, generate_fn=generate_fn)
+    budget, keep, outs = _answers(cfg, params, tok, [p["prompt"] for p in probes], [p["answer"] for p in probes],
+                                  raw=True, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                  temperature=temperature, generate_fn=generate_fn)
     results: dict[tuple[str, int], list[bool]] = collections.defaultdict(list)
     samples = {}
     for i, out in zip(keep, outs):
@@ -209,12 +220,9 @@ def instruction_accuracy(cfg: ModelConfig, params, tok, *, per_task: int = 32,
     that ended with eos rather than running out of budget), "evaluated",
     "skipped", "max_new_tokens", "samples": the first `num_samples`}."""
     records = instruction_records(per_task, seed, tasks)
-    prompts = [_encode_prompt(tok, r["prompt"], raw=False) for r in records]
-    budget = max_new_tokens or _answer_budget(tok, [r["response"] for r in records])
-    keep = [i for i, p in enumerate(prompts) if len(p) + budget <= cfg.max_len]
-    outs = decode_batched(cfg, params, [prompts[i] for i in keep], max_new_tokens=budget,
-                          eos_id=tok.eos_id, pad_id=tok.pad_id, batch_size=batch_size, seed=seed,
-                          temperature=temperature, generate_fn=generate_fn)
+    budget, keep, outs = _answers(cfg, params, tok, [r["prompt"] for r in records], [r["response"] for r in records],
+                                  raw=False, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                  temperature=temperature, generate_fn=generate_fn)
     by_task: dict[str, list[float]] = collections.defaultdict(list)
     samples, stopped = [], []
     for i, out in zip(keep, outs):

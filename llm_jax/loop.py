@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from llm_jax import sharding
+from llm_jax.cli import signals_deferred
 from llm_jax.checkpoint import Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
 from llm_jax.data.loader import restore_per_process, stats_metrics
@@ -171,15 +172,16 @@ def _close_quietly(ckpts: Checkpoints) -> None:
     """Waits for pending saves and closes the manager on every exit path, so an
     error or Ctrl-C never leaves Orbax's background thread holding the process
     open (an exit that hung) or a save half-finished. A failure here is reported
-    but does not hide the error that got us here."""
-    try:
-        ckpts.wait()
-    except Exception as e:  # noqa: BLE001 - the original error matters more
-        print(f"warning: a pending checkpoint save in {ckpts.directory} failed: {e}", flush=True)
-    try:
-        ckpts.close()
-    except Exception as e:  # noqa: BLE001
-        print(f"warning: closing the checkpoints in {ckpts.directory} failed: {e}", flush=True)
+    but does not hide the error that got us here. A second stop signal waits too."""
+    with signals_deferred():
+        try:
+            ckpts.wait()
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            print(f"warning: a pending checkpoint save in {ckpts.directory} failed: {e}", flush=True)
+        try:
+            ckpts.close()
+        except Exception as e:  # noqa: BLE001
+            print(f"warning: closing the checkpoints in {ckpts.directory} failed: {e}", flush=True)
 
 
 def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loader, mesh,
@@ -221,7 +223,8 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
         progress(f"resumed from step {step} ({ckpts.directory})")
     else:
         # Step 0 on disk: a rollback before the first periodic save has somewhere to go.
-        ckpts.save(0, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
+        with signals_deferred():
+            ckpts.save(0, state, {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
 
     report = _Reporter(stage_dir, cfg.steps, step, progress, show_progress)
     progress = report.say  # the text lines, printed around the bar
@@ -289,10 +292,12 @@ def run_stage(stage_dir: str, state: Any, shardings: Any, step_fn: Callable, loa
                 report.scalars(step, scores)
                 progress(f"step {step:6d}/{cfg.steps}  " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             if step % cfg.checkpoint_every == 0 or step == last:  # gathering states is a collective
-                ckpts.save(step, state,
-                           {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
+                with signals_deferred():  # a stop signal waits for the save to be handed to Orbax
+                    ckpts.save(step, state,
+                               {"loaders": all_loader_states(loader), "guard": guard.to_json()}, force=True)
                 last_good = step
-        ckpts.wait()
+        with signals_deferred():
+            ckpts.wait()
         ckpts.check_for_errors()  # the last save is asynchronous too
     finally:
         report.close()  # also when the run diverges or is interrupted

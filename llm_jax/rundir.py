@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from llm_jax.config import apply_overrides, to_dict, validate_all
-from llm_jax.errors import ConfigError, WorkdirError
+from llm_jax.errors import WorkdirError
 
 
 PACKAGES = ("jax", "jaxlib", "optax", "orbax-checkpoint", "chex", "numpy",
@@ -136,8 +136,11 @@ def lock_workdir(workdir: str) -> None:
 
 
 def write_run_json(workdir: str, cfg: Any, experiment: str) -> None:
-    """Claims the workdir (`lock_workdir`), then records what runs in it."""
+    """Creates and claims the workdir (`lock_workdir`), then records what runs in it:
+    the first thing a run writes, so a second run on the same workdir stops before
+    any work (a tokenizer trained for minutes, a stage)."""
     import jax
+    os.makedirs(workdir, exist_ok=True)
     lock_workdir(workdir)
     write_json(os.path.join(workdir, "run.json"), {
         "experiment": experiment, "config": to_dict(cfg), "versions": versions(),

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llm_jax.config import MeshConfig
-from llm_jax.errors import ConfigError, MeshError
+from llm_jax.errors import MeshError
 
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the batch dimension is split over both

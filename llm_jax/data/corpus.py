@@ -68,6 +68,9 @@ def corpus_tokenizer(workdir: str, data: DataConfig, vocab_size: int, sample: in
                 f"of {data.source} ({data.split})")
     except TokenizerError as e:
         raise ConfigError(f"tokenizer ({directory}): {e}") from None
+    if tok.vocab_size > vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is smaller than the tokenizer's {tok.vocab_size} "
+                          f"({directory}, from an earlier run?)")
     if jax.process_count() > 1:
         multihost_utils.assert_equal(np.frombuffer(_fingerprint(tok), np.uint32),
                                      "the processes built different tokenizers")

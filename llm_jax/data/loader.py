@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import typing
+from typing import Any
 
 import grain
 import jax
@@ -135,6 +136,23 @@ class StageLoader(typing.Protocol):
 
     def metrics(self) -> dict[str, float]:
         """Numbers logged with the training metrics (e.g. records skipped)."""
+
+
+class LoaderWrapper:
+    """A loader that adds to the batches of another (`self.loader`): what it counted
+    is the inner loader's."""
+
+    loader: Any
+
+    def __iter__(self):
+        return self
+
+    def metrics(self) -> dict:
+        return stats_metrics(self.stats)
+
+    @property
+    def stats(self) -> dict:
+        return getattr(self.loader, "stats", {})
 
 
 def restore_per_process(loader, states: list[dict]) -> None:

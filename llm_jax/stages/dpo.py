@@ -44,8 +44,8 @@ from jax.experimental import multihost_utils
 from llm_jax import losses, model, sharding
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import packing
-from llm_jax.data.loader import DataConfig, restore_per_process, stats_metrics
-from llm_jax.errors import ConfigError, DataError, InputError, ReferenceCacheError
+from llm_jax.data.loader import DataConfig, LoaderWrapper, restore_per_process
+from llm_jax.errors import ConfigError, InputError, ReferenceCacheError
 from llm_jax.lora import LoRAConfig
 from llm_jax.rundir import say
 from llm_jax.stages import runner
@@ -308,7 +308,7 @@ def build_reference_cache(model_cfg: ModelConfig, ref_params, loader, steps: int
     return cache_dir
 
 
-class CachedReferenceLoader:
+class CachedReferenceLoader(LoaderWrapper):
     """Wraps the training loader: each batch comes with its cached reference
     log-probs (`ref_chosen_logps`, `ref_rejected_logps` [rows, S]).
 
@@ -330,9 +330,6 @@ class CachedReferenceLoader:
                                       f"{jax.process_index()} ({built}/{self.steps} steps); rerun "
                                       "build_reference_cache to finish it")
         self.loader, self.cache_dir, self.step = loader, cache_dir, 0
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self.step >= self.steps:
@@ -359,13 +356,6 @@ class CachedReferenceLoader:
     def restore(self, states: list[dict]) -> None:
         """Each process reads its own part of the cache: the same process count resumes."""
         restore_per_process(self, states)
-
-    def metrics(self) -> dict:
-        return stats_metrics(self.stats)
-
-    @property
-    def stats(self) -> dict:
-        return getattr(self.loader, "stats", {})
 
 
 # ---------------------------------------------------------------------------

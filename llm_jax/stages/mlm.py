@@ -31,7 +31,7 @@ import numpy as np
 from llm_jax import losses, model
 from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data.errors import DataError
-from llm_jax.data.loader import DataConfig, restore_per_process, stats_metrics
+from llm_jax.data.loader import DataConfig, LoaderWrapper, restore_per_process
 from llm_jax.data.tokenizer import SPECIAL_TOKENS
 from llm_jax.stages import pretrain, runner
 
@@ -70,7 +70,7 @@ def _host_device():
         return jax.devices()[0]
 
 
-class MaskingLoader:
+class MaskingLoader(LoaderWrapper):
     """Wraps a pretraining loader and masks each of its batches for MLM.
 
     Batch n (counted from the start of the stage) is masked with key
@@ -108,9 +108,6 @@ class MaskingLoader:
         self._key = jax.device_put(jax.random.PRNGKey(self.seed), self._device)
 
     # -- batches ---------------------------------------------------------------
-
-    def __iter__(self):
-        return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = next(self.loader)
@@ -183,13 +180,6 @@ class MaskingLoader:
             self.set_state({"shards": {k: v for s in states for k, v in s["shards"].items()}})
         else:
             restore_per_process(self, states)
-
-    def metrics(self) -> dict:
-        return stats_metrics(self.stats)
-
-    @property
-    def stats(self) -> dict:
-        return getattr(self.loader, "stats", {})
 
     @property
     def epoch_len(self) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any, Callable
 
 import jax
@@ -257,8 +256,11 @@ def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = s
 def check(name: str, settings: Any, model_cfg: ModelConfig, mesh, *, kind: str | None = None,
           data_shards: int = 0) -> None:
     """A stage's config mistakes, found before the first stage of the run trains:
-    the batch against the mesh, the sequence against the model, the data's record
+    the model and its fit on the mesh, the batch against the mesh, the sequence
+    against the model, the data's record
     kind, and data.seq_len/batch_size (which come from train.*: one source)."""
+    model_cfg.validate()
+    sharding.check_model_fits_mesh(model_cfg, mesh)
     tr: TrainConfig = settings.train
     tr.validate(f"{name}.train")
     settings.optim.validate(f"{name}.optim")
