@@ -1,4 +1,4 @@
-"""Tests for llm_jax.model (and the model part of llm_jax.config).
+"""Tests for llm_jax.model (llm_jax.config's own tests are in test_config.py).
 
 Expected numbers come from an independent computation, never from the code
 under test: the float64 numpy loop transformer in `tests/reference_model.py`,
@@ -32,7 +32,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from llm_jax import model  # noqa: E402
-from llm_jax.config import PRESETS, ConfigError, ModelConfig, apply_overrides, preset  # noqa: E402
+from llm_jax.config import ConfigError, ModelConfig, preset  # noqa: E402
 from llm_jax.errors import InputError  # noqa: E402
 
 import reference_model as ref  # noqa: E402
@@ -590,22 +590,7 @@ def test_last_token_values():
 
 
 # ---------------------------------------------------------------------------
-# 9. Config validation and overrides
-
-
-@pytest.mark.parametrize("kwargs, field", [
-    (dict(d_model=30, num_heads=4), "d_model"),
-    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads"),
-    (dict(positions="alibi"), "positions"),
-    (dict(norm="batchnorm"), "norm"),
-    (dict(mlp="relu"), "mlp"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(num_layers=0), "num_layers"),
-])
-def test_config_validation_names_the_field(kwargs, field):
-    with pytest.raises(ConfigError, match=field):
-        ModelConfig(**kwargs).validate()
-    assert issubclass(ConfigError, ValueError)
+# 9. Model checks of its config (the config's own tests are in test_config.py)
 
 
 def test_lm_head_transform_needs_a_gelu_mlp():
@@ -622,59 +607,6 @@ def test_lm_head_transform_needs_a_gelu_mlp():
                                erf_gelu, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.activation(ModelConfig(mlp="gelu"), jnp.asarray(x, jnp.float32)),
                                tanh_gelu, rtol=1e-5, atol=1e-6)
-
-
-def test_config_validation_accepts_valid_and_explicit_head_dim():
-    assert ModelConfig(d_model=30, num_heads=4, head_dim=8).validate().head_size == 8
-    assert ModelConfig(num_heads=4, num_kv_heads=None).kv_heads == 4
-    with pytest.raises(ConfigError, match="preset"):
-        preset("gpt5")
-
-
-@dataclasses.dataclass(frozen=True)
-class _RunConfig:
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    steps: int = 10
-    lr: float = 1e-3
-    shuffle: bool = True
-    limit: int | None = 5
-    name: str = "run"
-
-
-def test_apply_overrides_parses_types():
-    cfg = apply_overrides(_RunConfig(), [
-        "model.num_layers=4", "model.dropout=0.25", "model.use_bias=true", "model.num_kv_heads=None",
-        "steps=7", "lr=3e-4", "shuffle=0", "limit=none", "name=hello=world",
-    ])
-    assert cfg.model.num_layers == 4 and isinstance(cfg.model.num_layers, int)
-    assert cfg.model.dropout == 0.25 and cfg.model.use_bias is True
-    assert cfg.model.num_kv_heads is None
-    assert cfg.steps == 7 and cfg.lr == 3e-4 and cfg.shuffle is False and cfg.limit is None
-    assert cfg.name == "hello=world"
-    assert apply_overrides(cfg, ["limit=12", "model.num_kv_heads=2"]).limit == 12
-    assert apply_overrides(_RunConfig(), ["shuffle=no"]).shuffle is False
-    assert apply_overrides(_RunConfig(), ["model.use_bias=yes"]).model.use_bias is True
-
-
-def test_apply_overrides_errors_name_the_key():
-    with pytest.raises(ConfigError, match="num_layerz"):
-        apply_overrides(_RunConfig(), ["model.num_layerz=3"])
-    with pytest.raises(ConfigError, match="stepz"):
-        apply_overrides(_RunConfig(), ["stepz=3"])
-    with pytest.raises(ConfigError, match="steps"):
-        apply_overrides(_RunConfig(), ["steps=abc"])
-    with pytest.raises(ConfigError, match="shuffle"):
-        apply_overrides(_RunConfig(), ["shuffle=maybe"])
-    with pytest.raises(ConfigError, match="key=value"):
-        apply_overrides(_RunConfig(), ["steps"])
-    with pytest.raises(ConfigError, match="model"):
-        apply_overrides(_RunConfig(), ["model=not_a_preset"])
-
-
-def test_apply_overrides_model_preset():
-    cfg = apply_overrides(_RunConfig(), ["model=gpt2", "model.num_layers=2"])
-    assert cfg.model == dataclasses.replace(PRESETS["gpt2"], num_layers=2)
-    assert cfg.model.positions == "learned" and cfg.model.d_model == 768
 
 
 # ---------------------------------------------------------------------------
@@ -717,11 +649,6 @@ def test_preset_param_counts():
     # model.count_params agrees on a small materialized model.
     cfg = make_config()
     assert model.count_params(random_params(cfg)) == abstract_count(cfg)
-
-
-def test_odd_d_model_with_sinusoidal_positions_is_rejected():
-    with pytest.raises(ConfigError, match="even model.d_model"):
-        preset("tiny", d_model=33, num_heads=3, num_kv_heads=3, positions="sinusoidal")
 
 
 def test_kv_cache_overflow_is_an_error_outside_jit():
