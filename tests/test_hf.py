@@ -467,7 +467,7 @@ def test_export_cli_writes_any_lm_stage(tmp_path, capsys):
 def test_llama_sft_dpo_from_hf_with_lora_exports_a_loadable_model(tmp_path, capsys):
     import random
 
-    from test_experiment_llama import write_jsonl
+    from jsonl_files import write_jsonl
 
     from experiments import llama_sft_dpo
     from llm_jax.data import builtin, preferences

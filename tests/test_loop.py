@@ -318,3 +318,11 @@ def test_stage_reports_to_tensorboard_the_bar_and_text_lines(tmp_path, monkeypat
     text, said, _, _ = run_reported("worker", 2, state)
     assert text == "".join(m + "\n" for m in said) and len(said) == 2
     assert not os.path.exists(str(tmp_path / "worker" / "tensorboard"))
+
+
+def test_eval_every_on_a_stage_without_one_is_an_error(tmp_path):
+    from llm_jax import loop
+    from llm_jax.config import ConfigError, TrainConfig
+    with pytest.raises(ConfigError, match=r"train\.eval_every=5: the sft stage has no in-loop evaluation"):
+        loop.run_stage(str(tmp_path / "sft"), None, None, None, None, None, TrainConfig(eval_every=5))
+    assert not os.path.exists(tmp_path / "sft")  # stopped before writing anything

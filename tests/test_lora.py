@@ -24,7 +24,7 @@ from llm_jax.data import builtin, preferences
 from llm_jax.data.loader import DataConfig, Loader
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.stages import dpo, reward, runner, sft
-from test_experiment_llama import write_jsonl
+from jsonl_files import write_jsonl
 
 TOK = ByteTokenizer()
 CFG = preset("tiny", vocab_size=TOK.vocab_size, max_len=128)  # D 64, N 4, G 2, H 16, F 128, L 2

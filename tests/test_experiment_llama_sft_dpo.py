@@ -6,14 +6,7 @@ import random
 
 from experiments import llama_sft_dpo
 from llm_jax.data import builtin, preferences
-
-
-def write_jsonl(path, records, bad_line=False):
-    with open(path, "w") as f:
-        for i, r in enumerate(records):
-            f.write(json.dumps(r) + "\n")
-            if bad_line and i == 3:
-                f.write("{not json\n")
+from jsonl_files import write_jsonl
 
 
 def test_llama_sft_dpo_smoke(tmp_path, capsys):
