@@ -1,13 +1,13 @@
-"""Sequence classification: the loss, pooling, the built-in task, its records, the stage, the experiment.
+"""llm_jax.stages.classify: pooling, the head, packed logits, config checks, and a short
+training run that beats chance; and losses.classification_loss, which only this stage
+uses (the task and its records are in test_data_classify.py, the experiment in
+test_experiment_classify.py).
 
 Expected numbers come from float64 numpy loops, hand arithmetic, or the model
 run on one unpadded sequence at a time; never from the code under test.
 """
 
-import json
 import math
-import os
-import random
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +18,7 @@ from jax.test_util import check_grads
 from experiments import classify as classify_experiment
 from llm_jax import losses, model, train
 from llm_jax.config import ConfigError, ModelConfig, OptimizerConfig
-from llm_jax.data import builtin
-from llm_jax.data import classify as classify_data
-from llm_jax.data.errors import DataError
 from llm_jax.data.loader import DataConfig, Loader
-from llm_jax.data.records import check_record
-from llm_jax.data.sources import open_source
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.stages import classify
 
@@ -193,94 +188,6 @@ def test_bad_config_errors_name_the_field():
 
 
 # ---------------------------------------------------------------------------
-# The built-in task and records
-
-
-def test_builtin_task_labels_splits_and_no_surface_token():
-    src = open_source("builtin:classify", split="train", size=3000)
-    held = open_source("builtin:classify", split="eval", size=3000)
-    assert src.kind == "classification" and len(held.records) == 300
-    train_recs = [src.records[i] for i in range(len(src.records))]
-    eval_recs = [held.records[i] for i in range(len(held.records))]
-    # the program's label (the world's scorers) is the record's label, for every record
-    for r in train_recs + eval_recs:
-        assert classify_data.label_of(r["text"]) == r["label"], r
-    # an eval query never appears in training under any label
-    assert not {r["query"] for r in train_recs} & {r["query"] for r in eval_recs}
-    counts = np.bincount([r["label"] for r in train_recs], minlength=3)
-    assert counts.min() > 0.28 * len(train_recs)  # about a third each
-    # no token tells the label: the three answers to one query use the same letters, same length
-    rng = random.Random(0)
-    for _ in range(50):
-        xs = classify_data.draw_query(rng, "train")
-        texts = [" ".join(xs) + " -> " + " ".join(classify_data.apply_rule(c, xs))
-                 for c in classify_data.CLASSES]
-        assert len({"".join(sorted(t)) for t in texts}) == 1 and len(set(texts)) == 3
-        assert [classify_data.label_of(t) for t in texts] == [0, 1, 2]
-    # the reference is the world's scorers: a reversal the reverse task accepts
-    assert builtin.score("reverse", "q d a m", "m a d q") and classify_data.label_of("q d a m -> m a d q") == 1
-    assert classify_data.label_of("q d a m -> d q a m") is None  # no rule
-    with pytest.raises(DataError, match="unknown task 'max'"):
-        open_source("builtin:classify/max")
-    subset = open_source("builtin:classify/same,sort", size=200)
-    assert {subset.records[i]["label"] for i in range(200)} == {0, 2}  # labels keep their index
-
-
-def test_check_record_label_rules():
-    assert check_record({"text": "a", "label": np.int64(2)}, "classification") == {"text": "a", "label": 2}
-    assert "not an integer" in check_record({"text": "a", "label": "1"}, "classification")
-    assert "not an integer" in check_record({"text": "a", "label": True}, "classification")
-    assert "not an integer" in check_record({"text": "a", "label": 1.0}, "classification")
-    assert ">= 0" in check_record({"text": "a", "label": -1}, "classification")
-    assert check_record({"text": "a"}, "classification") == "missing field 'label'"
-
-
-def _write(path, lines):
-    path.write_text("".join(lines))
-    return str(path)
-
-
-def test_jsonl_records_bad_lines_skipped_and_counted(tmp_path):
-    lines = [json.dumps({"text": f"item {i}", "label": i % 2}) + "\n" for i in range(6)]
-    lines.insert(2, "{broken\n")  # line 3
-    lines.insert(5, json.dumps({"text": "x", "label": "one"}) + "\n")  # line 6
-    path = _write(tmp_path / "labels.jsonl", lines)
-    cfg = DataConfig(source=f"jsonl:{path}", cache_dir=str(tmp_path / "cache"), seq_len=16, batch_size=8,
-                     max_segments=1, shuffle=False, num_epochs=1, num_classes=2, kind="classification")
-    loader = Loader(cfg, TOK, shard_index=0, shard_count=1)
-    # Not inferred from the fields: {"text", "label"} without a kind stays a pretraining corpus.
-    assert open_source(f"jsonl:{path}", cache_dir=str(tmp_path / "cache")).kind == "pretrain"
-    batch = next(loader)
-    mask = batch["label_mask"][:, 0] > 0
-    assert mask.sum() == 6
-    # each row's label is the one its text says (item i has label i % 2)
-    for row in np.nonzero(mask)[0]:
-        text = bytes(int(t) - TOK.offset for t in batch["inputs"][row][batch["segment_ids"][row] > 0][1:])
-        assert batch["labels"][row, 0] == int(text.decode().split()[-1]) % 2
-    built = loader.stats["skipped_when_built"]
-    places = sorted(p for ps in built["places"].values() for p in ps)
-    assert sum(built["counts"].values()) == 2 and places == [f"{path}:3", f"{path}:6"]
-    # Packed several to a row: each (row, segment) label is still its own text's.
-    packed = Loader(DataConfig(**{**cfg.__dict__, "seq_len": 32, "max_segments": 4}), TOK,
-                    shard_index=0, shard_count=1)
-    batch, seen = next(packed), 0
-    for r, s in zip(*np.nonzero(batch["label_mask"])):
-        ids = batch["inputs"][r][batch["segment_ids"][r] == s + 1][1:]  # without bos
-        assert batch["labels"][r, s] == int(TOK.decode(ids).split()[-1]) % 2
-        seen += 1
-    assert seen == 6 and batch["label_mask"].sum(axis=1).max() > 1
-
-
-def test_label_out_of_range_names_the_line(tmp_path):
-    lines = [json.dumps({"text": "ok", "label": 0}) + "\n", json.dumps({"text": "too big", "label": 3}) + "\n"]
-    path = _write(tmp_path / "labels.jsonl", lines)
-    cfg = DataConfig(source=f"jsonl:{path}", cache_dir=str(tmp_path / "cache"), seq_len=16, batch_size=2,
-                     max_segments=1, shuffle=False, num_classes=3, kind="classification")
-    with pytest.raises(DataError, match=r"labels\.jsonl:2: field 'label' is 3, but num_classes=3"):
-        Loader(cfg, TOK, shard_index=0, shard_count=1)
-
-
-# ---------------------------------------------------------------------------
 # Training
 
 
@@ -316,51 +223,3 @@ def test_short_training_beats_chance_on_heldout():
     # chance and the measured runs.
     accuracy = train_and_eval(seed=0)
     assert accuracy > 0.45, accuracy
-
-
-# ---------------------------------------------------------------------------
-# The experiment
-
-
-TINY_SETS = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64", "model.max_len=64",
-             "train.steps=1", "train.batch_size=8", "train.seq_len=32", "train.log_every=1", "data.size=200"]
-
-
-def _argv(workdir, sets):
-    return ["--workdir", workdir] + [x for s in sets for x in ("--set", s)]
-
-
-def test_experiment_smoke_resume_and_handoff(tmp_path, capsys):
-    from llm_jax import checkpoint
-
-    # An earlier run's stage with a trained LM: its checkpoints/ and the run's tokenizer/.
-    cfg = ModelConfig(vocab_size=TOK.vocab_size, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=64)
-    lm = model.init(cfg, jax.random.PRNGKey(7))
-    tx, _ = train.make_optimizer(OptimizerConfig(), 10)
-    ckpts = checkpoint.Checkpoints(str(tmp_path / "base" / "pretrain" / "checkpoints"), save_every=1,
-                                   async_save=False)
-    ckpts.save(3, train.TrainState(step=jnp.asarray(3, jnp.int32), params=lm, opt_state=tx.init(lm),
-                                   rng=jax.random.PRNGKey(0)), force=True)
-    ckpts.close()
-    TOK.save(str(tmp_path / "base" / "tokenizer"))
-
-    workdir = str(tmp_path / "run")
-    sets = [f"{stage}.{s}" for stage in ("decoder", "encoder") for s in TINY_SETS]
-    sets += [f"decoder.init_from={tmp_path}/base/pretrain", "encoder.pooling=mean"]
-    assert classify_experiment.main(_argv(workdir, sets)) == 0
-    for name, pooling, causal in (("classify_decoder", "last", True), ("classify_encoder", "mean", False)):
-        ev = json.load(open(os.path.join(workdir, name, "eval.json")))
-        assert (ev["steps"], ev["pooling"], ev["causal"], ev["heldout_items"]) == (1, pooling, causal, 100)
-        assert 0.0 <= ev["heldout_accuracy_before"] <= 1.0 and 0.0 <= ev["heldout_accuracy_after"] <= 1.0
-        rows = [json.loads(line) for line in open(os.path.join(workdir, name, "metrics.jsonl"))]
-        assert [r["step"] for r in rows] == [1] and "accuracy" in rows[0]
-        assert json.load(open(os.path.join(workdir, name, "config.json")))["model"]["causal"] is causal
-    assert os.path.exists(os.path.join(workdir, "tokenizer", "meta.json"))
-    # The decoder started from the earlier run's weights: its step-0 checkpoint holds them.
-    like = jax.eval_shape(lambda: model.init(cfg, jax.random.PRNGKey(0)))
-    start = checkpoint.load_params(os.path.join(workdir, "classify_decoder", "checkpoints"), like, step=0,
-                                   key="model")
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), lm, start)
-    capsys.readouterr()
-    assert classify_experiment.main(_argv(workdir, sets)) == 0  # rerun: both finished, nothing trains
-    assert "step " not in capsys.readouterr().out.replace("steps", "")
