@@ -198,8 +198,15 @@ def check(cfg: GRPOConfig, model_cfg: ModelConfig, mesh, where: str = "grpo") ->
     if cfg.prompts % jax.process_count():
         raise ConfigError(f"{where}.prompts={cfg.prompts} must be a multiple of the {jax.process_count()} "
                           "processes (each samples its share)")
-    sharding.check_batch_fits_mesh(cfg.rows, 1, mesh)
-    sharding.check_batch_fits_mesh(cfg.rows // cfg.minibatches, cfg.update_microbatches, mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.prompts % shards:
+        raise ConfigError(f"{where}.prompts={cfg.prompts}: a batch of prompts is split over data x fsdp = "
+                          f"{shards} devices; make it a multiple of {shards}")
+    if (cfg.rows // cfg.minibatches // cfg.update_microbatches) % shards:
+        raise ConfigError(f"{where}: {cfg.rows} rows ({where}.prompts={cfg.prompts} x {where}.group_size="
+                          f"{cfg.group_size}) in {cfg.minibatches} minibatches of {cfg.update_microbatches} "
+                          f"microbatches do not split over data x fsdp = {shards} devices; make the rows of "
+                          f"a microbatch a multiple of {shards}")
 
 
 # ---------------------------------------------------------------------------
