@@ -128,7 +128,7 @@ def make_rewards():
         [1.0, 0.0, 0.0, 1.0],      # pass/fail rewards
         [1.0, 1.0, 1.0, 1.0],      # every response right: no signal
         rng.standard_normal(4),    # real-valued rewards
-        [0.1, 0.1, 0.1, 0.1],      # equal, and 4 * 0.1 / 4 != 0.1 in floats
+        [0.1, 0.1, 0.1, 0.1],      # equal real-valued rewards
         rng.random(4),
     ]).astype(np.float32)
 
@@ -228,6 +228,12 @@ def test_zero_variance_group_gives_zero_and_finite_gradients(eps):
             assert np.all(got[4:] != 0.0)
             grad = jax.grad(lambda r: jnp.sum(fn(r) * jnp.arange(8.0)))(rewards)  # noqa: B023
             assert np.all(np.isfinite(np.asarray(grad)))
+    # Three equal rewards of 0.1: in float32 the mean of the other two is not 0.1
+    # exactly, so `r - baseline` alone would leave a residue.
+    tie = np.full(3, 0.1, np.float32)
+    assert tie[0] - (tie.sum(dtype=np.float32) - tie[0]) / np.float32(2) != 0.0
+    got = losses.group_advantages(tie, 3, scale="none", leave_one_out=True, eps=eps)
+    assert np.all(np.asarray(got) == 0.0)
 
 
 def test_group_size_one_without_std_or_baseline_is_zero():
