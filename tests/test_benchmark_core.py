@@ -14,9 +14,6 @@ import pytest
 
 from benchmarks import core
 
-# Subprocesses that each import jax or torch: tens of seconds on 2 busy cores.
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
