@@ -30,7 +30,7 @@ import sys
 
 from llm_jax import cli, launch, sharding
 from llm_jax.config import MeshConfig, ModelConfig, preset
-from llm_jax.data.corpus import corpus_tokenizer, save_tokenizer
+from llm_jax.data.corpus import corpus_tokenizer
 from llm_jax.rundir import parse_args, say, write_run_json
 from llm_jax.stages import mlm, runner
 
@@ -55,7 +55,6 @@ def main(argv=None) -> int:
     runner.check("mlm", cfg, cfg.model, mesh, data_shards=cfg.data_shards)
     write_run_json(workdir, cfg, "bert_mlm")
     tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
-    save_tokenizer(workdir, tok)
     r = runner.run(workdir, mlm.stage(cfg.model, cfg, tok, mesh, data_shards=cfg.data_shards), mesh)
     if r is not None:  # None: stopped early (train.stop_after)
         say(f"\nheld-out masked tokens: loss {r['heldout_mlm_loss_before']:.3f} -> {r['heldout_mlm_loss_after']:.3f}, "

@@ -37,7 +37,7 @@ import sys
 
 from llm_jax import cli, generate, launch, sharding
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig, preset
-from llm_jax.data.corpus import corpus_texts, corpus_tokenizer, save_tokenizer
+from llm_jax.data.corpus import corpus_texts, corpus_tokenizer
 from llm_jax.data.loader import DataConfig
 from llm_jax.rundir import parse_args, say, write_run_json
 from llm_jax.stages import pretrain, runner
@@ -90,7 +90,6 @@ def main(argv=None) -> int:
     runner.check("pretrain", cfg, cfg.model, mesh, data_shards=cfg.data_shards)
     write_run_json(workdir, cfg, "gpt2_pretrain")
     tok = corpus_tokenizer(workdir, cfg.data, cfg.model.vocab_size, cfg.tokenizer_sample)
-    save_tokenizer(workdir, tok)
     stage = pretrain.stage(cfg.model, cfg, tok, mesh, data_shards=cfg.data_shards,
                            after=lambda p: continuations(cfg, p, tok))
     result = runner.run(workdir, stage, mesh)

@@ -275,17 +275,8 @@ def sequence_mean_logprobs(logits, targets, weights):
 
         mean_b = sum_t w_{b,t} log p(y_{b,t}) / sum_t w_{b,t}     (0 for an empty row)
 
-    The inputs `ipo_loss` expects (TRL's IPO convention). Positions whose
-    target is < 0 count as weight 0.
-
-    Args:
-        logits: [B, T, V] logits.
-        targets: [B, T] token ids.
-        weights: [B, T] weights (1 on the tokens that belong to the sequence).
-
-    Returns:
-        [B] mean log-probabilities, float32 (float64 under x64 for float64
-        inputs).
+    The inputs `ipo_loss` expects (TRL's IPO convention). Arguments, target < 0
+    and dtypes as `sequence_logprobs`; returns [B] mean log-probabilities.
     """
     total, weights = _sequence_sums("sequence_mean_logprobs", logits, targets, weights)
     count = jnp.sum(weights, axis=-1)

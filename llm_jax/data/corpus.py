@@ -1,7 +1,6 @@
 """A byte-level BPE trained on a text corpus, the same on every process.
 
-    tok = corpus_tokenizer(workdir, data_cfg, vocab_size, sample)  # DIR/tokenizer/ when resumed
-    save_tokenizer(workdir, tok)
+    tok = corpus_tokenizer(workdir, data_cfg, vocab_size, sample)  # saved in, or read from, DIR/tokenizer/
 
 Used by the corpus pretraining experiments (`experiments.gpt2_pretrain`,
 `experiments.bert_mlm`); `corpus_texts` also gives held-out sentences to continue.
@@ -50,7 +49,7 @@ def corpus_tokenizer(workdir: str, data: DataConfig, vocab_size: int, sample: in
 
     Every process trains its own copy from the same records (BPE training is
     deterministic), so no shared file system is needed; a checksum comparison
-    across processes makes sure they agree. The caller saves it (process 0)."""
+    across processes makes sure they agree. Process 0 saves a new one in DIR/tokenizer/."""
     directory = os.path.join(workdir, "tokenizer")
     if vocab_size < BPE_FLOOR:
         raise ConfigError(f"model.vocab_size={vocab_size}: a byte-level BPE needs at least {BPE_FLOOR} "
@@ -74,6 +73,7 @@ def corpus_tokenizer(workdir: str, data: DataConfig, vocab_size: int, sample: in
     if jax.process_count() > 1:
         multihost_utils.assert_equal(np.frombuffer(_fingerprint(tok), np.uint32),
                                      "the processes built different tokenizers")
+    _save(workdir, tok)
     return tok
 
 
@@ -88,7 +88,7 @@ def _fingerprint(tok) -> bytes:
     return digest.digest()
 
 
-def save_tokenizer(workdir: str, tok) -> None:
+def _save(workdir: str, tok) -> None:
     """DIR/tokenizer/ (process 0), unless a resumed run already has it."""
     directory = os.path.join(workdir, "tokenizer")
     if is_primary() and not os.path.exists(os.path.join(directory, "meta.json")):

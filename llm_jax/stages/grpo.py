@@ -67,7 +67,6 @@ from jax.experimental import multihost_utils
 from llm_jax import evals, generate, losses, sharding, train, verifiers
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import formats
-from llm_jax.data.tokenizer import EOS_ID, PAD_ID
 from llm_jax.errors import ConfigError
 from llm_jax.stages import ppo, runner
 
@@ -179,12 +178,8 @@ class GRPOConfig:
             if self.aggregation:
                 raise ConfigError(f"{where}.aggregation={self.aggregation!r}: {self.algorithm} sums each "
                                   "sequence's log-probs (losses.reinforce_loss); leave it empty")
-        if self.rows % self.minibatches:
-            raise ConfigError(f"{where}: {self.rows} rows (prompts x group_size) do not split into "
-                              f"{where}.minibatches={self.minibatches}")
-        if (self.rows // self.minibatches) % self.update_microbatches:
-            raise ConfigError(f"{where}: a minibatch of {self.rows // self.minibatches} rows does not split "
-                              f"into {where}.update_microbatches={self.update_microbatches}")
+        ppo.check_split(where, f"{where}: {self.rows} rows (prompts x group_size)", self.rows, self.minibatches,
+                        self.update_microbatches)
         return self
 
 

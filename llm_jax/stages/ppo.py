@@ -112,16 +112,22 @@ class PPOConfig:
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"ppo.{name}={getattr(self, name)} must be in [0, 1]")
-        if self.rollout_batch % self.minibatches:
-            raise ConfigError(f"ppo.rollout_batch={self.rollout_batch} is not divisible by "
-                              f"ppo.minibatches={self.minibatches}")
-        if (self.rollout_batch // self.minibatches) % self.update_microbatches:
-            raise ConfigError(f"a minibatch of {self.rollout_batch // self.minibatches} sequences is not "
-                              f"divisible by ppo.update_microbatches={self.update_microbatches}")
+        check_split("ppo", f"ppo.rollout_batch={self.rollout_batch}", self.rollout_batch, self.minibatches,
+                    self.update_microbatches)
         if self.adaptive_kl and (self.kl_target <= 0 or self.kl_horizon <= 0):
             raise ConfigError(f"ppo.adaptive_kl needs ppo.kl_target > 0 and ppo.kl_horizon > 0, got "
                               f"{self.kl_target} and {self.kl_horizon}")
         return self
+
+
+def check_split(where: str, rows_field: str, rows: int, minibatches: int, microbatches: int) -> None:
+    """A batch of `rows` rollouts must split into `minibatches` updates, and each update's
+    rows into `microbatches` (shared by PPO and GRPO, whose updates are alike)."""
+    if rows % minibatches:
+        raise ConfigError(f"{rows_field} is not divisible by {where}.minibatches={minibatches}")
+    if (rows // minibatches) % microbatches:
+        raise ConfigError(f"a minibatch of {rows // minibatches} sequences is not divisible by "
+                          f"{where}.update_microbatches={microbatches}")
 
 
 def optimizer_steps(train_steps: int, cfg: PPOConfig) -> int:
