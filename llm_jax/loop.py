@@ -127,6 +127,10 @@ class _StepBar(tqdm):
     """tqdm that is told the step reached rather than the steps done, so a rollback
     moves the bar back (tqdm takes a negative update)."""
 
+    # No monitor thread: it only re-tunes miniters for bars updated from another
+    # thread, and a stopped stage must leave no thread of its own behind.
+    monitor_interval = 0
+
     def update(self, step: int, loss: float | None = None) -> None:
         if self.disable:
             return
