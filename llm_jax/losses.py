@@ -461,13 +461,7 @@ def sft_loss(logits, targets, weights, ref_logits=None, *, kl_coef=0.0, normaliz
         kl = token_kl(logits, jax.lax.stop_gradient(ref_logits))
         per_token = per_token + kl_coef * kl
     else:
-        value = _static_value(kl_coef)
-        if value is None:
-            raise InputError("sft_loss: kl_coef is a traced value, so it cannot be checked to be 0 "
-                             "without ref_logits; pass ref_logits, or leave kl_coef at 0")
-        if value != 0:
-            raise InputError(f"sft_loss: kl_coef={kl_coef} needs ref_logits (without them the KL "
-                             "term would be dropped)")
+        _check_no_kl("sft_loss", kl_coef, "ref_logits")
     return masked_mean(per_token, weights, normalizer, reduction=reduction)
 
 
@@ -702,14 +696,32 @@ def ppo_policy_loss(
     _check_reduction("ppo_policy_loss", reduction)
     _check_rollout("ppo_policy_loss", logprobs=logprobs, old_logprobs=old_logprobs,
                    advantages=advantages, weights=weights)
+    per_token = _clipped_surrogate(logprobs, old_logprobs, advantages, clip_eps, clip_eps)
+    return masked_mean(per_token, weights, normalizer, reduction=reduction)
+
+
+def _clipped_surrogate(logprobs, old_logprobs, advantages, eps_low, eps_high):
+    """Per token -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), r = exp(logp - old),
+    with the rollout's old log-probs and advantages constants (PPO's and GRPO's)."""
     old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
     advantages = jax.lax.stop_gradient(_float(advantages))
     ratio = jnp.exp(_float(logprobs) - old_logprobs)
-    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped_ratio = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
     # The pessimistic (smaller) objective removes any gain from moving the
-    # ratio outside [1 - eps, 1 + eps] in the direction the advantage favors.
-    per_token = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
-    return masked_mean(per_token, weights, normalizer, reduction=reduction)
+    # ratio outside [1 - eps_low, 1 + eps_high] in the direction the advantage favors.
+    return -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+
+
+def _check_no_kl(fn: str, kl_coef, reference: str) -> None:
+    """Without the reference's `reference` argument, kl_coef must be a known 0: a
+    non-zero or traced value would be a KL term silently dropped."""
+    value = _static_value(kl_coef)
+    if value is None:
+        raise InputError(f"{fn}: kl_coef is a traced value, so it cannot be checked to be 0 "
+                         f"without {reference}; pass {reference}, or leave kl_coef at 0")
+    if value != 0:
+        raise InputError(f"{fn}: kl_coef={kl_coef} needs {reference} (without them the KL "
+                         "term would be dropped)")
 
 
 def ppo_clip_fraction(logprobs, old_logprobs, weights, *, clip_eps, normalizer=None):
@@ -1112,23 +1124,13 @@ def grpo_loss(
             raise InputError(f"{fn}: aggregation='fixed' divides by B * max_len (Dr. GRPO); pass "
                              "max_len (the generation budget in tokens) or a normalizer")
         _check_positive(fn, "max_len", max_len)
-    logprobs = _float(logprobs)
-    old_logprobs = jax.lax.stop_gradient(_float(old_logprobs))
-    advantages = jax.lax.stop_gradient(_float(advantages))[:, None]
-    ratio = jnp.exp(logprobs - old_logprobs)
-    clipped_ratio = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
-    per_token = -jnp.minimum(ratio * advantages, clipped_ratio * advantages)
+    per_token = _clipped_surrogate(logprobs, old_logprobs, jnp.asarray(advantages)[:, None], clip_eps,
+                                   clip_eps_high)
     if ref_logprobs is not None:
-        log_ratio = jax.lax.stop_gradient(_float(ref_logprobs)) - logprobs
+        log_ratio = jax.lax.stop_gradient(_float(ref_logprobs)) - _float(logprobs)
         per_token = per_token + kl_coef * (jnp.exp(log_ratio) - log_ratio - 1.0)
     else:
-        value = _static_value(kl_coef)
-        if value is None:
-            raise InputError(f"{fn}: kl_coef is a traced value, so it cannot be checked to be 0 "
-                             "without ref_logprobs; pass ref_logprobs, or leave kl_coef at 0")
-        if value != 0:
-            raise InputError(f"{fn}: kl_coef={kl_coef} needs ref_logprobs (without them the KL "
-                             "term would be dropped)")
+        _check_no_kl(fn, kl_coef, "ref_logprobs")
     weights = _float(weights)
     rows = weights.shape[0]
     if aggregation == "sequence":
