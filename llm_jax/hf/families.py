@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from llm_jax.config import ConfigError, ModelConfig
 from llm_jax.errors import HFError
-from llm_jax.hf import bert, gpt2, llama
+from llm_jax.hf.bert import FAMILY as BERT
+from llm_jax.hf.gpt2 import FAMILY as GPT2
+from llm_jax.hf.llama import FAMILY as LLAMA
 from llm_jax.hf.config import CONFIG_FILE, Fields, special_ids
 from llm_jax.hf.family import Family
 
 # In the order `family_of` tries them when exporting.
-FAMILIES: tuple[Family, ...] = (gpt2.FAMILY, llama.FAMILY, bert.FAMILY)
+FAMILIES: tuple[Family, ...] = (GPT2, LLAMA, BERT)
 
 
 def by_model_type(hf: dict, where: str) -> Family:
