@@ -28,14 +28,9 @@ from llm_jax import aot, cli, lora, model, plan, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, preset
 from llm_jax.stages.ppo import PPOConfig
 
-try:
-    import libtpu  # noqa: F401
-except ImportError:
-    INSTALL = f'pip install "jax[tpu]=={jax.__version__}"  (or pip install -e ".[tpu]")'
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run the ahead-of-time TPU tests, not skip them: libtpu is missing; {INSTALL}",
-                    pytrace=False)
-    pytest.skip(f"the TPU compiler (libtpu) is not installed: {INSTALL}", allow_module_level=True)
+from tpu_compiler import require_libtpu
+
+require_libtpu(module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("pretrain", "mlm", "sft", "sft_kl", "rm", "dpo", "ppo", "generate")

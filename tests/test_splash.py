@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
 import time
 
@@ -55,6 +54,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llm_jax import aot, model, sharding, splash, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, preset
 from llm_jax.stages import pretrain
+from tpu_compiler import require_libtpu
 
 
 def f32_tol(n: int) -> float:
@@ -373,13 +373,7 @@ def tpu_devices():
     first sets what libtpu's host probe needs to stay quiet (TPU_ACCELERATOR_TYPE,
     TPU_WORKER_HOSTNAMES; TPU_SKIP_MDS_QUERY) and ALLOW_MULTIPLE_LIBTPU_LOAD, so
     this compile can share the host with another libtpu process."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        msg = "libtpu is not installed: pip install -e '.[tpu]' (or pip install 'jax[tpu]>=0.10,<0.11')"
-        if os.environ.get("CI"):
-            pytest.fail(msg + "; CI must run the TPU compile tests, not skip them")
-        pytest.skip(msg)
+    require_libtpu()
     return aot.topology_devices("v5e:2x2")[1]
 
 
