@@ -29,7 +29,7 @@ from llm_jax import sharding
 from llm_jax.cli import signals_deferred
 from llm_jax.checkpoint import Checkpoints, abstract_like
 from llm_jax.config import TrainConfig
-from llm_jax.data.loader import restore_per_process, stats_metrics
+from llm_jax.data.loader import restore_per_process
 from llm_jax.errors import ConfigError, DataError, TrainingDiverged
 from llm_jax.rundir import MetricsLog, is_primary
 
@@ -113,9 +113,13 @@ def restore_loader(loader, saved: list[str]) -> None:
 
 
 def data_metrics(loader) -> dict:
-    """The loader's numbers for metrics.jsonl: `StageLoader.metrics()`, else those of its
-    `stats` dict if it has one."""
-    return loader.metrics() if hasattr(loader, "metrics") else stats_metrics(getattr(loader, "stats", {}))
+    """What the loader counted (this process's shard): skipped records, packing."""
+    stats = getattr(loader, "stats", None)
+    if not stats:
+        return {}
+    return {"data_skipped": sum(stats.get("skipped", {}).values()),
+            "data_truncated": stats.get("truncated", 0),
+            "packing_efficiency": stats.get("packing_efficiency", 0.0)}
 
 
 def _skip(loader, n: int) -> None:

@@ -128,14 +128,16 @@ class StageLoader(typing.Protocol):
     def set_state(self, state: dict) -> None:
         """Continue from a position `get_state` gave."""
 
-    # Optional (the loop falls back to `restore_per_process` and to no numbers):
+    # Optional (the loop falls back to `restore_per_process`, and to logging no data counts):
 
     def restore(self, states: list[dict]) -> None:
         """Continue from a checkpoint holding every saving process's state, in process
         order; a loader that cannot resume on another process count says so."""
 
-    def metrics(self) -> dict[str, float]:
-        """Numbers logged with the training metrics (e.g. records skipped)."""
+    @property
+    def stats(self) -> dict:
+        """What it counted: "skipped" {reason: count}, "truncated", "packing_efficiency"
+        (logged as data_skipped, data_truncated, packing_efficiency)."""
 
 
 class LoaderWrapper:
@@ -146,9 +148,6 @@ class LoaderWrapper:
 
     def __iter__(self):
         return self
-
-    def metrics(self) -> dict:
-        return stats_metrics(self.stats)
 
     @property
     def stats(self) -> dict:
@@ -163,15 +162,6 @@ def restore_per_process(loader, states: list[dict]) -> None:
                         f"{jax.process_count()} are running; resume with the same number of processes "
                         "(this stage's data stream is split per process)")
     loader.set_state(states[jax.process_index()])
-
-
-def stats_metrics(stats: dict) -> dict[str, float]:
-    """The numbers of a loader's `stats` that go into metrics.jsonl."""
-    if not stats:
-        return {}
-    return {"data_skipped": sum(stats.get("skipped", {}).values()),
-            "data_truncated": stats.get("truncated", 0),
-            "packing_efficiency": stats.get("packing_efficiency", 0.0)}
 
 
 _ANNOUNCED: set[tuple[str, str]] = set()  # (source, report) lines printed by this process
@@ -418,9 +408,6 @@ class ShardedLoader:
     def restore(self, states: list[dict]) -> None:
         """Every saving process's state, merged by shard: resumes on any process count."""
         self.set_state({"shards": {k: v for s in states for k, v in s.get("shards", {}).items()}})
-
-    def metrics(self) -> dict:
-        return stats_metrics(self.stats)
 
     @property
     def stats(self) -> dict:

@@ -61,7 +61,6 @@ import optax
 from llm_jax import generate, losses, model, sharding, train
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import builtin, formats
-from llm_jax.data.loader import stats_metrics
 from llm_jax.data.tokenizer import EOS_ID, PAD_ID
 from llm_jax.errors import ConfigError, DataError, InputError
 from llm_jax.stages import reward, runner
@@ -625,9 +624,6 @@ class PromptLoader:
     def restore(self, states: list[dict]) -> None:
         """The global stream position is the same on every process: any process count resumes."""
         self.set_state(states[0])
-
-    def metrics(self) -> dict:
-        return stats_metrics(self.stats)
 
 
 def builtin_prompts(count: int, seed: int = 0, split: str = "train",
