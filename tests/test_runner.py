@@ -150,3 +150,12 @@ def test_checks_before_any_stage_trains(mesh):
     with pytest.raises(ConfigError, match=r"data_shards=3"):
         runner.check("sft", SFT, CFG, mesh, data_shards=3)
     runner.check("sft", SFT, CFG, mesh, kind="sft")  # the defaults pass
+
+
+def test_lora_on_a_stage_with_its_own_step_is_refused_before_anything_runs(tmp_path, mesh):
+    stage = runner.Stage("ppo_like", CFG, SFT, init=lambda: pytest.fail("loaded weights"),
+                         loader=lambda _: pytest.fail("opened data"), build=lambda *a: pytest.fail("built"),
+                         lora=LoRAConfig(rank=2, alpha=4.0, targets=("q",)))
+    with pytest.raises(ConfigError, match=r"ppo_like: LoRA \(lora.rank=2\) serves stages that give a loss"):
+        runner.run(str(tmp_path), stage, mesh, progress=lambda _: None)
+    assert not os.path.exists(tmp_path / "ppo_like")

@@ -216,6 +216,9 @@ def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = s
     stage_dir = os.path.join(workdir, stage.name)
     if stage.build is None:  # a batch that does not fit the mesh stops here, not inside XLA
         check(stage.name, stage.settings, stage.model, mesh)
+    elif stage.lora.enabled:  # the adapters are merged into frozen initial params a build lacks
+        raise ConfigError(f"{stage.name}: LoRA (lora.rank={stage.lora.rank}) serves stages that give a loss; "
+                          "this stage builds its own step, so train it without LoRA")
     done = begin(stage_dir, stage.train.steps, stage_config(stage))
     if done is not None:
         progress(f"{stage.name}: already finished ({stage_dir}/eval.json)")
