@@ -260,7 +260,9 @@ class TTY(io.StringIO):
 def tensorboard_scalars(logdir):
     """(step, tag, value) of every scalar in the stage's event file, in file order, as
     TensorBoard's own loader reads it (the test extra installs TensorBoard)."""
-    event_file_loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    # Imported, not importorskip'd: the test extra declares tensorboard, so a missing one is a
+    # broken install to report, not a reason to pass without reading the file.
+    from tensorboard.backend.event_processing import event_file_loader
     from tensorboard.util.tensor_util import make_ndarray
     (path,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
     # The loader hands scalars on as TensorBoard stores them: a float32 tensor per value.
