@@ -4,8 +4,8 @@ Each test declares stages the way an experiment does and checks what the
 runner promises: evaluation before and after recorded in eval.json, a finished
 stage skipped without loading anything, an early stop resumed to the same
 result, the config.json shape `generate.load_stage` reads back, LoRA training
-only adapters over a frozen base, and the config checks that run before any
-stage trains.
+only adapters over a frozen base (a loss's, or a step a stage builds), and the
+config checks that run before any stage trains.
 """
 
 import dataclasses
@@ -13,10 +13,11 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import generate, model, sharding, train
+from llm_jax import checkpoint, generate, lora, model, sharding, train
 from llm_jax.config import MeshConfig, OptimizerConfig, TrainConfig, preset
 from llm_jax.data.loader import DataConfig
 from llm_jax.data.tokenizer import ByteTokenizer
@@ -153,9 +154,95 @@ def test_checks_before_any_stage_trains(mesh):
 
 
 def test_lora_on_a_stage_with_its_own_step_is_refused_before_anything_runs(tmp_path, mesh):
+    """A build stage without `build_lora` (PPO) cannot train adapters."""
     stage = runner.Stage("ppo_like", CFG, SFT, init=lambda: pytest.fail("loaded weights"),
                          loader=lambda _: pytest.fail("opened data"), build=lambda *a: pytest.fail("built"),
                          lora=LoRAConfig(rank=2, alpha=4.0, targets=("q",)))
     with pytest.raises(ConfigError, match=r"ppo_like: LoRA \(lora.rank=2\) serves stages that give a loss"):
         runner.run(str(tmp_path), stage, mesh, progress=lambda _: None)
     assert not os.path.exists(tmp_path / "ppo_like")
+
+
+class Counter:
+    """A stage loader whose batches count up: {"x": [n] * 8} for the n-th batch (8 rows: one a device)."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __next__(self):
+        self.position += 1
+        return {"x": np.full([8], self.position, np.float32)}
+
+    def get_state(self):
+        return {"position": self.position}
+
+    def set_state(self, state):
+        self.position = state["position"]
+
+
+def np_merge(params, adapters, scale):
+    """W + scale * A @ B per layer in float64 numpy, W read as (in, out) = (D, out dims)."""
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    for group, targets in adapters["layers"].items():
+        for t, ab in targets.items():
+            w = out["layers"][group][t]
+            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
+            out["layers"][group][t] = np.stack([w[i] + scale * (a[i] @ b[i]).reshape(w.shape[1:])
+                                                for i in range(w.shape[0])])
+    return out
+
+
+def test_a_built_step_with_lora_trains_the_runners_adapters_over_the_frozen_base(tmp_path, mesh):
+    """The `build_lora` contract (GRPO's): the runner hands the stage the initial params
+    themselves (frozen, no copy) and fresh adapters (`lora.init_adapters`, train.seed);
+    the checkpoints hold the adapters; `evaluate` and `after` see base + scale * A @ B."""
+    base = runner.fresh_params(CFG, mesh, seed=3)
+    base_host = jax.device_get(base)
+    lcfg = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v"))
+    settings = dataclasses.replace(SFT, train=dataclasses.replace(SFT.train, eval_every=1, async_checkpoints=False))
+    seen = {}
+
+    def build_lora(frozen, adapters, tx, schedule):
+        seen["frozen"], seen["adapters"] = frozen, jax.device_get(adapters)
+        state, shardings = train.state_from_params(adapters, tx, mesh, settings.train.seed)
+
+        @jax.jit
+        def update(state, batch, frozen):  # a toy step that reads the base: A and B grow by x * 0.01
+            grow = batch["x"][0] * 0.01 + 0.0 * jnp.sum(frozen["final_norm"]["scale"])
+            return train.TrainState(step=state.step + 1, params=jax.tree.map(lambda p: p + grow, state.params),
+                                    opt_state=state.opt_state, rng=state.rng), {"loss": grow}
+
+        return state, shardings, lambda state, batch: update(state, batch, frozen)
+
+    def evaluate(params):  # the merged model, each step: its q moved off the base's
+        return {"q_moved": float(np.abs(np.asarray(params["layers"]["attn"]["q"])
+                                        - base_host["layers"]["attn"]["q"]).max())}
+
+    stage = runner.Stage("built", CFG, settings, init=lambda: base, loader=lambda _: Counter(),
+                         build=lambda *a: pytest.fail("the full-parameter build"), build_lora=build_lora,
+                         evaluate=evaluate, after=lambda params: seen.update(final=jax.device_get(params)) or {},
+                         lora=lcfg)
+    result = runner.run(str(tmp_path), stage, mesh, progress=lambda _: None)
+    assert seen["frozen"] is base  # the initial params themselves, not a copy
+    fresh = jax.device_get(lora.init_adapters(lcfg, CFG, jax.random.PRNGKey(settings.train.seed)))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(seen["adapters"]), jax.tree.leaves(fresh)))
+    assert result["lora"]["adapter_params"] == 2 * 2 * ((64 + 64) + (64 + 32))
+    # The checkpoint holds the adapters after 3 steps: each entry grew by 0.01 * (1 + 2 + 3).
+    ckpt = str(tmp_path / "built" / "checkpoints")
+    adapters = jax.device_get(checkpoint.load_params(ckpt, lora.abstract_adapters(lcfg, CFG, mesh)))
+    for got, start in zip(jax.tree.leaves(adapters), jax.tree.leaves(fresh)):
+        np.testing.assert_allclose(got, start + 0.06, rtol=1e-6, atol=1e-7)
+    with pytest.raises(checkpoint.CheckpointError, match="missing from the checkpoint"):
+        checkpoint.load_params(ckpt, runner.model_like(CFG, mesh))
+    # `after` got the merged model, computed here independently; the base is untouched.
+    want = np_merge(base_host, adapters, lcfg.scale)
+    for path, got in jax.tree_util.tree_leaves_with_path(seen["final"]):
+        ref = want
+        for k in path:
+            ref = ref[k.key]
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-6, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(jax.device_get(base)),
+                                                    jax.tree.leaves(base_host)))
+    evals = [r for r in map(json.loads, open(tmp_path / "built" / "metrics.jsonl")) if "eval_q_moved" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3] and all(r["eval_q_moved"] > 0 for r in evals)

@@ -1,6 +1,8 @@
 """GRPO stage: rewards and advantages wired to the right rows, the update's loss
 against a numpy recomputation for every algorithm, dynamic sampling, verifier
-errors that name the record, exact resume, and learning on a toy verifiable task."""
+errors that name the record, exact resume, LoRA (sampling from base + adapters,
+the frozen base as reference, merged at the end), and learning on a toy
+verifiable task."""
 
 import json
 import os
@@ -10,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llm_jax import checkpoint, model, sharding, train, verifiers
+from llm_jax import checkpoint, lora, model, sharding, train, verifiers
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, TrainConfig, preset
 from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import DataError
+from llm_jax.lora import LoRAConfig
 from llm_jax.stages import grpo, runner
 from tests import grpo_verifiers as V
 
@@ -21,6 +24,7 @@ TOK = ByteTokenizer()
 CFG = preset("tiny", d_model=32, d_ff=64, num_layers=2, vocab_size=TOK.vocab_size)
 EOS = TOK.eos_id
 RECORDS = [{"prompt": f"Say {c}{c}.", "answer": c} for c in "abcdefgh"]
+LORA = LoRAConfig(rank=2, alpha=4.0, targets=("q", "v"))
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +53,23 @@ def np_logprobs(params, batch, temperature):
     x = x - x.max(-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     return np.take_along_axis(logp, batch["response"][..., None], axis=-1)[..., 0]
+
+
+def np_merged(params, adapters, scale):
+    """W + scale * A @ B per layer, in float64 numpy (W read as (in, out) = (D, out dims))."""
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(params))
+    for group, targets in jax.device_get(adapters)["layers"].items():
+        for t, ab in targets.items():
+            w = out["layers"][group][t]
+            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
+            out["layers"][group][t] = np.stack([w[i] + scale * (a[i] @ b[i]).reshape(w.shape[1:])
+                                                for i in range(w.shape[0])])
+    return out
+
+
+def same(a, b) -> bool:
+    """Two trees of equal leaves, bitwise."""
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def np_advantages(rewards, group_size, scale, leave_one_out, eps=1e-4):
@@ -151,6 +172,52 @@ def test_several_updates_score_old_logprobs_and_start_at_ratio_one(mesh):
     assert float(per["kl"][0]) == pytest.approx(0.0, abs=1e-7) and float(per["kl"][3]) > 0  # then it moves
 
 
+def test_lora_samples_from_base_plus_adapters_and_the_base_is_the_reference(mesh):
+    """With LoRA the step trains adapters over a frozen base: it samples from and scores
+    base + adapters, and its KL reference is the base itself (here B is random, so the
+    two models differ). The first update's kl and loss match numpy log-probs of the
+    independently merged model and of the base; only the adapters change."""
+    cfg = grpo.GRPOConfig(group_size=4, prompts=2, max_new_tokens=5, kl_coef=0.1)
+    tx, schedule = train.make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), 4)
+    base = runner.fresh_params(CFG, mesh, 0)
+    base_host = jax.device_get(base)
+    fresh = lora.init_adapters(LORA, CFG, jax.random.PRNGKey(1))
+    keys = iter(jax.random.split(jax.random.PRNGKey(2), 8))
+    adapters = jax.tree_util.tree_map_with_path(
+        lambda p, x: 0.3 * jax.random.normal(next(keys), x.shape) if p[-1].key == "b" else x, fresh)
+    adapters_host = jax.device_get(adapters)
+    state, shardings = train.state_from_params(adapters, tx, mesh, 0)
+    loader = grpo.GroupPromptLoader(RECORDS, TOK, cfg.prompts, 0)
+    step = grpo.make_grpo_step(CFG, cfg, tx, TOK, records=RECORDS, verifier=V.checksum_digit, verifier_name="test",
+                               schedule=schedule, mesh=mesh, state_shardings=shardings, lora_cfg=LORA, base=base)
+    prompts = sharding.shard_batch(next(loader), mesh)
+    chosen, _ = step.collect(state, prompts)  # the rows the step samples first (same state, same keys)
+
+    # Sampled from base + adapters: the merged model with the same key draws the same rows, the base others.
+    merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), np_merged(base_host, adapters_host, LORA.scale))
+    def draw(params):
+        return np.asarray(step.sample(params, prompts["tokens"], prompts["mask"], state.rng, state.step,
+                                      jnp.int32(0))["response"])
+    np.testing.assert_array_equal(draw(merged), chosen.rollout["response"])
+    assert not np.array_equal(draw(base), chosen.rollout["response"])
+
+    logp = np_logprobs(jax.device_get(merged), chosen.rollout, cfg.temperature)
+    ref = np_logprobs(base_host, chosen.rollout, cfg.temperature)
+    new, m = step(state, prompts)
+    w = chosen.rollout["weights"]
+    k3 = np.exp(ref - logp) - (ref - logp) - 1
+    assert (w * k3).sum() / w.sum() > 1e-3  # the adapted model is another model than the reference
+    assert float(m["kl"]) == pytest.approx((w * k3).sum() / w.sum(), rel=1e-4)
+    # One update on its own samples: ratio 1, per token -A + kl_coef * k3, mean per sequence (GRPO).
+    adv = np_advantages(chosen.rewards, 4, "std", False)
+    per = -adv[:, None] + 0.1 * k3
+    assert float(m["loss"]) == pytest.approx(np.mean((w * per).sum(1) / w.sum(1)), rel=1e-4, abs=1e-6)
+    # Only the adapters trained (state.params is their tree); the base is untouched.
+    assert jax.tree.structure(new.params) == jax.tree.structure(adapters_host)
+    assert not same(jax.device_get(new.params), adapters_host)
+    assert same(jax.device_get(base), base_host)
+
+
 # ---------------------------------------------------------------------------
 # Dynamic sampling
 
@@ -251,6 +318,52 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise(mesh, tmp_p
     a = checkpoint.load_params(str(tmp_path / "whole/grpo/checkpoints"), like)
     b = checkpoint.load_params(str(tmp_path / "parts/grpo/checkpoints"), like)
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise_with_lora(mesh, tmp_path):
+    """The stage with LoRA (and a KL term, several updates, refills): its checkpoints hold
+    the adapters only, a resumed run equals an uninterrupted one bitwise, the base it
+    started from is untouched, and `after` gets base + scale * A @ B (checked against numpy)."""
+    records = [{"prompt": f"Say {c}.", "answer": c, "flat": i % 2 == 0} for i, c in enumerate("abcdefgh")]
+    base = runner.fresh_params(CFG, mesh, 0)
+    base_host = jax.device_get(base)
+    final = {}
+
+    def run(name, **kw):
+        cfg = stage_cfg(algorithm="dapo", updates=2, max_refill_rounds=2, kl_coef=0.05, **kw)
+        st = grpo.stage(CFG, cfg, TOK, mesh, init=lambda: base, records=lambda: records,
+                        verifier="tests.grpo_verifiers:flat_or_parity", lora=LORA,
+                        after=lambda params: final.update({name: jax.device_get(params)}) or {})
+        return runner.run(str(tmp_path / name), st, mesh)
+
+    result = run("whole")
+    assert result["lora"]["adapter_params"] == model.count_params(lora.init_adapters(LORA, CFG, jax.random.PRNGKey(0)))
+    assert run("parts", stop_after=2) is None
+    assert run("parts")["steps"] == 4
+    whole, parts = metrics_of(tmp_path / "whole/grpo/metrics.jsonl"), metrics_of(tmp_path / "parts/grpo/metrics.jsonl")
+    assert [m["step"] for m in parts] == [1, 2, 3, 4] and parts == whole
+    like = lora.abstract_adapters(LORA, CFG, mesh)
+    a = jax.device_get(checkpoint.load_params(str(tmp_path / "whole/grpo/checkpoints"), like))
+    b = jax.device_get(checkpoint.load_params(str(tmp_path / "parts/grpo/checkpoints"), like))
+    assert same(a, b) and same(final["whole"], final["parts"])
+    with pytest.raises(checkpoint.CheckpointError, match="missing from the checkpoint"):
+        checkpoint.load_params(str(tmp_path / "whole/grpo/checkpoints"), runner.model_like(CFG, mesh))
+    assert all(np.abs(ab["b"]).max() > 0 for g in a["layers"].values() for ab in g.values())  # B left 0
+    assert same(jax.device_get(base), base_host)
+    want = np_merged(base_host, a, LORA.scale)
+    moved = set()
+    for path, got in jax.tree_util.tree_leaves_with_path(final["whole"]):
+        ref = want
+        for k in path:
+            ref = ref[k.key]
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, rtol=1e-6, atol=1e-7,
+                                   err_msg=jax.tree_util.keystr(path))
+        start = base_host
+        for k in path:
+            start = start[k.key]
+        if not np.array_equal(got, start):
+            moved.add(jax.tree_util.keystr(path))
+    assert moved == {"['layers']['attn']['q']", "['layers']['attn']['v']"}
 
 
 # ---------------------------------------------------------------------------

@@ -46,9 +46,15 @@ randomness comes from fold_in(state.rng, state.step), and every extra prompt
 batch of dynamic sampling comes from the stage's prompt loader, whose position
 is checkpointed: a resumed run continues bitwise.
 
-LoRA is not offered: the stage runner's LoRA path (fresh adapters over a frozen
-base, merged at the end) serves stages that give a loss, and this stage gives
-its own step (`build`), whose state the runner cannot merge.
+LoRA (`stage(..., lora=LoRAConfig(rank=...))`, see `llm_jax.lora`): the
+runner hands the step fresh adapters and the initial params, frozen
+(`runner.Stage.build_lora`); state.params are then the adapters, so the
+optimizer state and the checkpoints hold only them. Sampling and every
+log-prob use base + adapters unmerged (`lora.attach`), the update trains the
+adapters alone (`lora.lora_loss_fn`), and the KL reference is the frozen base
+itself: one copy of the weights, argument of the jitted functions, never a
+constant. `after` gets the merged model; a later stage or an export reads it
+with `lora.load_merged(checkpoints, base, ...)`.
 """
 
 from __future__ import annotations
@@ -64,10 +70,11 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from llm_jax import evals, generate, losses, sharding, train, verifiers
+from llm_jax import evals, generate, lora, losses, sharding, train, verifiers
 from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import formats
 from llm_jax.errors import ConfigError
+from llm_jax.lora import LoRAConfig
 from llm_jax.stages import ppo, runner
 
 Params = Any
@@ -276,19 +283,23 @@ def advantages(cfg: GRPOConfig, rewards: jax.Array) -> jax.Array:
 
 
 def make_grpo_update(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.GradientTransformation,
-                     schedule: optax.Schedule | None = None):
-    """The pure update `update(state, batch, rewards, rng) -> (state, metrics, per_update)`.
+                     schedule: optax.Schedule | None = None, lora_cfg: LoRAConfig = LoRAConfig()):
+    """The pure update `update(state, batch, rewards, rng, base=None) -> (state, metrics, per_update)`.
 
     `batch` has `UPDATE_KEYS` (and old_logprobs / ref_logprobs when scored);
     `rewards` [rows]. Runs updates x minibatches optimizer steps under lax.scan;
     `per_update` holds each one's metrics, `metrics` their mean plus the
-    advantages' mean absolute value. The state comes back with step + 1."""
+    advantages' mean absolute value. The state comes back with step + 1.
+    With `lora_cfg.enabled`, state.params are the adapters and `base` the frozen
+    model they are attached to (`lora.lora_loss_fn`)."""
     cfg.validate()
-    inner = train.make_train_step(grpo_loss_fn(model_cfg, cfg), normalizer_fn(cfg), optimizer, schedule,
-                                  cfg.update_microbatches)
+    loss_fn = grpo_loss_fn(model_cfg, cfg)
+    if lora_cfg.enabled:
+        loss_fn = lora.lora_loss_fn(loss_fn, lora_cfg)
+    inner = train.make_train_step(loss_fn, normalizer_fn(cfg), optimizer, schedule, cfg.update_microbatches)
     per_step = cfg.optimizer_steps_per_step
 
-    def update(state: train.TrainState, batch: dict, rewards, rng):
+    def update(state: train.TrainState, batch: dict, rewards, rng, base: Params | None = None):
         adv = advantages(cfg, rewards)
         data = {k: v for k, v in batch.items() if k in UPDATE_KEYS + ("old_logprobs", "ref_logprobs")}
         data["advantages"] = adv
@@ -297,7 +308,7 @@ def make_grpo_update(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.G
         def body(ts, idx):
             mb = jax.tree.map(lambda x: sharding.constrain_activations(x[idx]), data)
             mb["metric_weights"] = mb["weights"] / jnp.maximum(jnp.sum(mb["weights"]), 1.0)
-            return inner(ts, mb)
+            return inner(ts, mb, base)
 
         ts = train.TrainState(step=state.step * per_step, params=state.params, opt_state=state.opt_state,
                               rng=jax.random.fold_in(rng, 1))
@@ -394,7 +405,8 @@ def rollout_metrics(rnd: Round, group_size: int, success: float, eos_id: int) ->
 def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.GradientTransformation, tok, *,
                    records: Sequence[dict], verifier: verifiers.Verifier, verifier_name: str,
                    reference_params: Params | None = None, refill: Callable[[], dict] | None = None,
-                   schedule: optax.Schedule | None = None, mesh=None, state_shardings: Any = None):
+                   schedule: optax.Schedule | None = None, mesh=None, state_shardings: Any = None,
+                   lora_cfg: LoRAConfig = LoRAConfig(), base: Params | None = None):
     """`step(state, prompt_batch) -> (state, metrics)`: sample -> verify -> update.
 
     A `step_fn` for `loop.run_stage`; `prompt_batch` is `GroupPromptLoader`'s
@@ -402,6 +414,11 @@ def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.Gra
     `sharding.shard_batch`; "index" points into `records`, which the verifier
     reads. `reference_params` (needed when cfg.kl_coef > 0) is the frozen model of
     the KL penalty; `refill()` gives the next prompt batch for dynamic sampling.
+
+    LoRA (`lora_cfg.enabled`): state.params are adapters over `base`, the frozen
+    model; the policy that samples and is scored is base + adapters
+    (`lora.attach`), and `base` is also the KL reference (reference_params stays
+    None: no second copy).
 
     Metrics: reward_mean, reward_std, accuracy (share of rewards >= the
     verifier's success threshold), zero_variance_groups, response_length (eos
@@ -414,6 +431,15 @@ def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.Gra
     """
     cfg.validate()
     algo = cfg.resolved()
+    if lora_cfg.enabled:
+        if base is None:
+            raise ConfigError("grpo with lora.rank > 0 needs the frozen base model the adapters sit on (base)")
+        if reference_params is not None:
+            raise ConfigError("grpo with lora.rank > 0: the frozen base is the KL reference; pass "
+                              "reference_params=None rather than a second copy of the weights")
+        reference_params = base if cfg.kl_coef > 0 else None
+    elif base is not None:
+        raise ConfigError("grpo: base is the frozen model of LoRA adapters, but lora.rank=0")
     if cfg.kl_coef > 0 and reference_params is None:
         raise ConfigError("grpo.kl_coef > 0 needs a frozen reference model (reference_params)")
     if algo.dynamic_sampling and refill is None:
@@ -449,8 +475,12 @@ def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.Gra
             out["ref_logprobs"] = losses.token_logprobs(logits, batch["response"])
         return out
 
-    update = jax.jit(make_grpo_update(model_cfg, cfg, optimizer, schedule),
+    update = jax.jit(make_grpo_update(model_cfg, cfg, optimizer, schedule, lora_cfg),
                      out_shardings=None if mesh is None else (state_shardings, rep, rep), donate_argnums=0)
+
+    def policy(params: Params) -> Params:
+        """The model that samples and is scored: the params, or base + the adapters."""
+        return lora.attach(base, params, lora_cfg) if lora_cfg.enabled else params
 
     def run(fn, *args):
         if mesh is None:
@@ -460,7 +490,7 @@ def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.Gra
 
     def sample_round(state, prompt_batch, round_: int) -> tuple[Round, float, float]:
         t0 = time.perf_counter()
-        rollout = run(sample, state.params, prompt_batch["tokens"], prompt_batch["mask"], state.rng,
+        rollout = run(sample, policy(state.params), prompt_batch["tokens"], prompt_batch["mask"], state.rng,
                       state.step, jnp.int32(round_))
         host = {k: _host(v) for k, v in rollout.items()}
         t1 = time.perf_counter()
@@ -498,16 +528,18 @@ def make_grpo_step(model_cfg: ModelConfig, cfg: GRPOConfig, optimizer: optax.Gra
         t0 = time.perf_counter()
         batch, rewards = _place(chosen.rollout, mesh), _place({"r": chosen.rewards}, mesh)["r"]
         if needs_old or needs_ref:
-            batch = dict(batch, **run(score, state.params, reference_params, batch))
-        state, update_metrics, _ = run(update, state, batch, rewards, step_key(state.rng, state.step, 0))
+            batch = dict(batch, **run(score, policy(state.params), reference_params, batch))
+        state, update_metrics, _ = run(update, state, batch, rewards, step_key(state.rng, state.step, 0), base)
         return state, dict(update_metrics, **metrics, update_seconds=time.perf_counter() - t0)
 
     # The parts, for tests and for callers that want one phase alone:
     # collect(state, prompt_batch) -> (Round of the batch of groups, rollout metrics);
     # sample(params, tokens, mask, state_rng, step, round) -> rollout [prompts * G rows];
     # score(params, ref_params, rollout) -> {old_logprobs?, ref_logprobs?};
-    # update(state, batch, rewards, shuffle_key) -> (state, metrics, per_update).
+    # update(state, batch, rewards, shuffle_key, base=None) -> (state, metrics, per_update);
+    # policy(state.params) -> the params sample and score take (LoRA: base + adapters, attached).
     step.collect, step.sample, step.score, step.update = collect, sample, score, update
+    step.policy = policy
     return step
 
 
@@ -582,12 +614,15 @@ def preflight(verifier: verifiers.Verifier, name: str, records: Sequence[dict]) 
 def stage(model_cfg: ModelConfig, cfg: GRPOConfig, tok, mesh, *, init: Callable[[], Params],
           records: Callable[[], list[dict]], verifier: str = verifiers.BUILTIN,
           before: Callable | None = None, after: Callable | None = None, evaluate: Callable | None = None,
-          name: str = "grpo") -> runner.Stage:
+          lora: LoRAConfig = LoRAConfig(), name: str = "grpo") -> runner.Stage:
     """GRPO (or a relative, `cfg.algorithm`) from the params `init()` gives (also the
     frozen KL reference when cfg.kl_coef > 0) on the prompts of `records()`
     ({"prompt", "answer", ...}), rewarded by the verifier named `verifier` (loaded
-    now: a bad name is a ConfigError before any stage trains)."""
+    now: a bad name is a ConfigError before any stage trains). With
+    `lora.rank > 0` only adapters train over the frozen `init()` params, which
+    are also the reference (see the module docstring)."""
     check(cfg, model_cfg, mesh, name)
+    lora.validate(model_cfg)
     fn = verifiers.load_verifier(verifier)
     verifiers.success_threshold(fn)
     held: dict = {}
@@ -610,8 +645,15 @@ def stage(model_cfg: ModelConfig, cfg: GRPOConfig, tok, mesh, *, init: Callable[
                               state_shardings=shardings)
         return state, shardings, step
 
+    def build_lora(base, adapters, tx, schedule):
+        state, shardings = train.state_from_params(adapters, tx, mesh, cfg.train.seed)
+        step = make_grpo_step(model_cfg, cfg, tx, tok, records=data(), verifier=fn, verifier_name=verifier,
+                              refill=lambda: next(held["loader"]), schedule=schedule, mesh=mesh,
+                              state_shardings=shardings, lora_cfg=lora, base=base)
+        return state, shardings, step
+
     return runner.Stage(
-        name, model_cfg, cfg, init=init, loader=loader, build=build,
+        name, model_cfg, cfg, init=init, loader=loader, build=build, build_lora=build_lora, lora=lora,
         prepare=lambda _dir, _params: {"preflight": preflight(fn, verifier, data())},
         before=before, after=after, evaluate=evaluate,
         optimizer_steps=cfg.train.steps * cfg.optimizer_steps_per_step, extra={"verifier": verifier})

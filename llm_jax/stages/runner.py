@@ -18,9 +18,19 @@ Every stage writes one config.json shape, which `generate.load_stage` reads
 back: {"model": ModelConfig, "lora": LoRAConfig, ...the stage's own settings
 (optim, train, data, ...)..., ...extra}.
 
-A stage whose step is not a loss over batches (PPO: rollouts, then updates)
-gives `build(params, tx, schedule) -> (state, shardings, step_fn)` instead of
-`loss`/`normalizer`.
+A stage whose step is not a loss over batches (PPO, GRPO: rollouts, then
+updates) gives `build(params, tx, schedule) -> (state, shardings, step_fn)`
+instead of `loss`/`normalizer`, and, if it can train LoRA adapters (GRPO),
+`build_lora(base, adapters, tx, schedule)` as well.
+
+LoRA (`lora.rank > 0`), whichever way the step comes: the runner makes fresh
+adapters (`lora.init_adapters`, seeded by train.seed) over the frozen initial
+params; only they train, so the optimizer state and the checkpoints hold only
+them; `evaluate` and `after` get the merged model (W + scale * A @ B), as a
+later stage or an export does through `lora.load_merged`. A loss stage's loss is
+wrapped by `lora.lora_loss_fn`; a build stage gets the base and the adapters
+(`build_lora`) and keeps the base as an argument of its jitted functions, never
+a second copy (it is also the stage's reference where it has one).
 """
 
 from __future__ import annotations
@@ -157,7 +167,14 @@ class Stage:
       evaluate(params)       every train.eval_every steps, logged as eval_<name>
       build(params, tx, schedule) -> (state, shardings, step_fn)
                              instead of loss/normalizer, for a step that is not a
-                             loss over batches (PPO)
+                             loss over batches (PPO, GRPO)
+      build_lora(base, adapters, tx, schedule) -> (state, shardings, step_fn)
+                             `build` with lora.rank > 0: state.params = the fresh
+                             `adapters` the runner made, trained over `base` (the
+                             initial params, frozen: the step's argument, not a jit
+                             constant, and its reference if it has one). A build
+                             stage without it refuses LoRA (PPO: its value model and
+                             head have no adapters to train).
     With `lora.rank > 0` only adapters train, over the frozen initial params.
     """
 
@@ -174,6 +191,7 @@ class Stage:
     after: Callable[[Params], dict] | None = None
     evaluate: Callable[[Params], dict] | None = None
     build: Callable[[Params, Any, Any], tuple] | None = None
+    build_lora: Callable[[Params, Params, Any, Any], tuple] | None = None
     optimizer_steps: int | None = None  # None: train.steps (PPO takes several updates a step)
     lora: LoRAConfig = LoRAConfig()
     extra: dict = dataclasses.field(default_factory=dict)  # more config.json entries
@@ -193,14 +211,22 @@ def stage_config(stage: Stage) -> dict:
             **stage.extra}
 
 
+def fresh_adapters(stage: Stage) -> Params:
+    """The LoRA adapters a stage starts from (B = 0: the adapted model is the base)."""
+    return lora.init_adapters(stage.lora, stage.model, jax.random.PRNGKey(stage.train.seed))
+
+
 def _state_and_step(stage: Stage, params: Params, tx, schedule, mesh):
+    """(state, shardings, step_fn, frozen): `frozen` is what the step reads but does not
+    train and what the adapters merge into (the initial params) with LoRA or a reference."""
     if stage.build is not None:
+        if stage.lora.enabled:  # the build keeps the base; the runner merges into it at the end
+            return (*stage.build_lora(params, fresh_adapters(stage), tx, schedule), params)
         return (*stage.build(params, tx, schedule), None)
     loss, frozen = stage.loss, (params if stage.reference else None)
     if stage.lora.enabled:
         # Adapters train; the initial weights are the frozen base (and the reference, if any).
-        adapters = lora.init_adapters(stage.lora, stage.model, jax.random.PRNGKey(stage.train.seed))
-        state, shardings = train.state_from_params(adapters, tx, mesh, stage.train.seed)
+        state, shardings = train.state_from_params(fresh_adapters(stage), tx, mesh, stage.train.seed)
         loss, frozen = lora.lora_loss_fn(loss, stage.lora, base_as_reference=stage.reference), params
     else:
         state, shardings = train.state_from_params(params, tx, mesh, stage.train.seed)
@@ -216,9 +242,12 @@ def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = s
     stage_dir = os.path.join(workdir, stage.name)
     if stage.build is None:  # a batch that does not fit the mesh stops here, not inside XLA
         check(stage.name, stage.settings, stage.model, mesh)
-    elif stage.lora.enabled:  # the adapters are merged into frozen initial params a build lacks
-        raise ConfigError(f"{stage.name}: LoRA (lora.rank={stage.lora.rank}) serves stages that give a loss; "
-                          "this stage builds its own step, so train it without LoRA")
+    elif stage.lora.enabled and stage.build_lora is None:
+        raise ConfigError(f"{stage.name}: LoRA (lora.rank={stage.lora.rank}) serves stages that give a loss "
+                          "or a step built for adapters (build_lora, as GRPO); this stage builds its own step "
+                          "without one, so train it without LoRA")
+    if stage.lora.enabled:  # targets and rank against the model, before anything is written
+        stage.lora.validate(stage.model)
     done = begin(stage_dir, stage.train.steps, stage_config(stage))
     if done is not None:
         progress(f"{stage.name}: already finished ({stage_dir}/eval.json)")
@@ -233,8 +262,11 @@ def run(workdir: str, stage: Stage, mesh, *, progress: Callable[[str], None] = s
     state, shardings, step_fn, frozen = _state_and_step(stage, params, tx, schedule, mesh)
     del params  # without LoRA or a reference, the step must not keep the initial copy alive
     loader = stage.loader(stage_dir)
+    evaluate = stage.evaluate
+    if stage.lora.enabled and evaluate is not None:  # on the model, not on the bare adapters
+        evaluate = lambda adapters: stage.evaluate(lora.merge(frozen, adapters, stage.lora))  # noqa: E731
     state, summary = loop.run_stage(stage_dir, state, shardings, step_fn, loader, mesh, stage.train,
-                                    progress=progress, evaluate=stage.evaluate)
+                                    progress=progress, evaluate=evaluate)
     if not summary["finished"]:
         progress(f"{stage.name}: stopped at step {stage.train.stop_after} of {stage.train.steps} "
                  "(train.stop_after); rerun the same command to continue")
