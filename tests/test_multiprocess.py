@@ -277,3 +277,147 @@ def test_pipeline_dpo_two_processes_sigkill_then_rerun(tmp_path, pipeline_two_pr
     ev_got = json.load(open(workdir / "dpo" / "eval.json"))
     ev_want = json.load(open(pipeline_two_processes / "dpo" / "eval.json"))
     assert (ev_got["win_rate"], ev_got["kl_to_base"]) == (ev_want["win_rate"], ev_want["kl_to_base"])
+
+
+# ---------------------------------------------------------------------------
+# GRPO (experiments.grpo) on 2 processes against 1 process with the same devices:
+# each process samples its share of the prompts, every process verifies all rows
+# on the host (gathered), and dynamic sampling refills from the prompt loader.
+
+GRPO_STEPS = 6
+GRPO_SETS = [
+    "model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_ff=64", "model.max_len=128",
+    f"grpo.train.steps={GRPO_STEPS}", "grpo.train.log_every=1", "grpo.train.checkpoint_every=2",
+    "grpo.train.keep_checkpoints=4",  # the initial weights (step 0) too
+    "grpo.prompts=4", "grpo.group_size=4", "grpo.max_new_tokens=4", "grpo.optim.lr=1e-2",
+    # Adam divides each gradient coordinate by its own RMS + eps. Group advantages sum to
+    # zero, so the output rows of tokens never sampled get gradients that nearly cancel, of
+    # order 1e-8; at eps=1e-8 Adam turns the all-reduce's rounding of those into moves of up
+    # to lr: measured 1.3e-5 apart on the embedding after 6 steps (2e-4 with another
+    # verifier's samples). eps=1e-6 damps what rounding can do (lr * |dg| / eps) without
+    # changing what is compared.
+    "grpo.optim.eps=1e-6",
+    # A random byte model starts about 1 in 10 completions with a lowercase letter, so most
+    # groups have equal rewards (all 0 on "add", all 1 on "reverse"): dynamic sampling drops
+    # them and refills from the prompt loader (every step takes 1-3 extra rounds; the last
+    # one runs out of rounds and fills a group with equal rewards).
+    "grpo.dynamic_sampling=true", "verifier=tests.test_multiprocess:slow_lowercase_for_add",
+    "builtin_prompts=40", 'tasks=["add", "reverse"]', "eval_per_task=1"]
+SLEEP_ENV = "LLM_JAX_TEST_VERIFIER_SLEEP"
+
+
+def slow_lowercase_for_add(prompt, completion, record):
+    """1.0 if the completion starts with a lowercase ASCII letter on an "add" record, 1.0 if
+    it does not on the others: the reward reads the record, so a row scored against
+    another prompt's record shows. First sleeps $LLM_JAX_TEST_VERIFIER_SLEEP seconds
+    (default 0): a run to be killed mid-stage takes long enough per step that the kill
+    lands between its first checkpoint and its end."""
+    time.sleep(float(os.environ.get(SLEEP_ENV, "0")))
+    lower = completion[:1].isascii() and completion[:1].islower()
+    return float(lower == (record["task"] == "add"))
+
+
+def grpo_cmd(workdir, extra=()):
+    argv = [sys.executable, "-m", "experiments.grpo", "--workdir", str(workdir)]
+    for s in GRPO_SETS + list(extra):
+        argv += ["--set", s]
+    return argv
+
+
+def grpo_params(workdir, step=None):
+    """{path: numpy array} of the stage's params at `step` (None: the last)."""
+    import jax
+    import numpy as np
+
+    from llm_jax import generate
+    params = generate.load_stage(str(workdir), "grpo", step)[1]
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+
+@pytest.fixture(scope="module")
+def grpo_one_process(tmp_path_factory):
+    """The reference: one process with 4 devices, uninterrupted."""
+    workdir = tmp_path_factory.mktemp("grpo1") / "run"
+    res = subprocess.run(grpo_cmd(workdir), env=env(4), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def grpo_two_processes(tmp_path_factory):
+    """2 processes x 2 devices, uninterrupted."""
+    root = tmp_path_factory.mktemp("grpo2")
+    run_2x2(grpo_cmd(root / "run"), root / "logs")
+    return root / "run"
+
+
+def test_grpo_on_two_processes_matches_one(grpo_one_process, grpo_two_processes):
+    one, two = grpo_one_process, grpo_two_processes
+    assert json.load(open(two / "run.json"))["process_count"] == 2
+    got, want = stage_rows(two, "grpo"), stage_rows(one, "grpo")
+    assert sorted(got) == sorted(want) == list(range(1, GRPO_STEPS + 1))
+    # The host-side numbers come from the sampled tokens and the verifier alone: equal
+    # exactly when both runs sampled the same prompts, rows and tokens, refills included.
+    host = ("reward_mean", "reward_std", "accuracy", "zero_variance_groups", "response_length",
+            "no_eos_fraction", "refill_rounds", "filled_groups", "batch_reward_mean")
+    for step in want:
+        a, b = compared(got[step]), compared(want[step])
+        assert a.keys() == b.keys(), step
+        assert {k: a[k] for k in host} == {k: b[k] for k in host}, step
+        # The update's numbers: float32 rounding apart, gloo's all-reduce summing in another
+        # order than one process's reduction (the tolerance of the PPO/DPO test above);
+        # measured (2026-12-05) within 1.8e-7 relative (grad_norm, entropy), the ~1e-8
+        # losses (a mean of zero-sum advantages) within 1e-10.
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (step, k, a[k], b[k])
+    # The comparison has teeth: the prompt loader refilled, and the rewards varied.
+    assert sum(want[s]["refill_rounds"] for s in want) >= GRPO_STEPS
+    assert len({want[s]["reward_mean"] for s in want}) > 1
+    # Final weights: measured (2026-12-05; both runs are deterministic) at most 2e-7 apart
+    # after moves of up to 3.7e-2 from the initial weights. The bound, 1e-5, is 1/3700 of
+    # that move: a step taken on other prompts or samples moves weights by ~lr = 1e-2.
+    start, end_one, end_two = grpo_params(one, 0), grpo_params(one), grpo_params(two)
+    assert end_one.keys() == end_two.keys() == start.keys()
+    moved = max(float(abs(end_one[k] - start[k]).max()) for k in start)
+    assert moved > 1e-2
+    for k in start:
+        diff = float(abs(end_two[k] - end_one[k]).max())
+        assert diff <= 1e-5, (k, diff)
+    ev_one, ev_two = (json.load(open(w / "grpo" / "eval.json")) for w in (one, two))
+    assert {k: v for k, v in ev_two.items() if k != "train_seconds"} == \
+        {k: v for k, v in ev_one.items() if k != "train_seconds"}
+
+
+def test_grpo_two_processes_sigkill_then_rerun(tmp_path, grpo_two_processes):
+    """A 2-process GRPO stage killed (SIGKILL, all processes) after its first
+    checkpoint; the rerun resumes the prompt loader (refills included) mid-stage
+    and ends bitwise where the uninterrupted 2-process run ends."""
+    workdir = tmp_path / "run"
+    # Its own session: one killpg reaches the launcher and both workers, as a lost machine would.
+    # 16-64 verifier calls per step, 0.05 s each: 1-3 s a step after the first checkpoint.
+    proc = subprocess.Popen(launch_2x2(tmp_path / "logs1") + grpo_cmd(workdir, ["grpo.train.async_checkpoints=false"]),
+                            env=dict(env(1), **{SLEEP_ENV: "0.05"}), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ckpt = workdir / "grpo" / "checkpoints" / "2"
+    try:
+        deadline = time.time() + 600
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ckpt.exists(), "no GRPO checkpoint appeared"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # all of them had already exited
+            pass
+        proc.wait()
+    assert not (workdir / "grpo" / "eval.json").exists()  # it really died mid-stage
+
+    log0 = run_2x2(grpo_cmd(workdir), tmp_path / "logs2")
+    resumed = [int(x.split()[0]) for x in log0.split("resumed from step ")[1:]]
+    assert len(resumed) == 1 and 2 <= resumed[0] < GRPO_STEPS, resumed  # mid-stage, not from scratch
+    got, want = stage_rows(workdir, "grpo"), stage_rows(grpo_two_processes, "grpo")
+    assert sorted(got) == sorted(want) == list(range(1, GRPO_STEPS + 1))
+    # Bitwise: the same process layout as the uninterrupted run (timings aside).
+    assert {s: compared(r) for s, r in got.items()} == {s: compared(r) for s, r in want.items()}
+    end, end_want = grpo_params(workdir), grpo_params(grpo_two_processes)
+    assert all((end[k] == end_want[k]).all() for k in end_want)
