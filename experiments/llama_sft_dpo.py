@@ -85,37 +85,18 @@ class Config:
     export_dir: str = ""  # a Hugging Face directory for the final DPO policy
 
 
-# With init_from=hf:DIR these model.* fields (how to compute) are kept from this
-# config; every other one (what the model is) comes from DIR/config.json, and
-# setting one to a different value is a ConfigError (see with_hf_model).
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_impl", "dropout")
-
-
 def hf_source(cfg: Config) -> str | None:
     """DIR of init_from=hf:DIR, else None."""
-    return cfg.init_from[len("hf:"):] if cfg.init_from.startswith("hf:") else None
+    return hf.init_dir(cfg.init_from)
 
 
 def with_hf_model(cfg: Config, tok) -> Config:
     """cfg whose model is the HF checkpoint's architecture with this config's runtime
-    fields, its vocabulary grown to the tokenizer's (the template markers).
-
-    A model.* field outside RUNTIME_FIELDS that was set (differs from Config()'s)
-    to a value other than the checkpoint's is a ConfigError, not silently dropped."""
-    directory = hf_source(cfg)
-    arch = hf.config_from_hf(hf.read_config(directory), os.path.join(directory, hf.CONFIG_FILE))
-    default = Config().model
-    clashes = [f"model.{f.name}={getattr(cfg.model, f.name)!r} (the checkpoint has {getattr(arch, f.name)!r})"
-               for f in dataclasses.fields(ModelConfig) if f.name not in RUNTIME_FIELDS
-               and getattr(cfg.model, f.name) != getattr(default, f.name)
-               and getattr(cfg.model, f.name) != getattr(arch, f.name)]
-    if clashes:
-        raise ConfigError(f"init_from={cfg.init_from}: the architecture is the checkpoint's config.json, "
-                          f"so these settings cannot apply: {', '.join(clashes)}; only model."
-                          f"{', model.'.join(RUNTIME_FIELDS)} may be set")
-    runtime = {f: getattr(cfg.model, f) for f in RUNTIME_FIELDS}
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        arch, vocab_size=max(arch.vocab_size, tok.vocab_size), **runtime).validate())
+    fields (`hf.RUNTIME_FIELDS`), its vocabulary grown to the tokenizer's (the template
+    markers); a model.* field set to a value the checkpoint does not have is a
+    ConfigError (`hf.init_config`)."""
+    return dataclasses.replace(cfg, model=hf.init_config(hf_source(cfg), cfg.model, Config().model,
+                                                         tok.vocab_size))
 
 
 def record_texts(source: str, kind: str, data: DataConfig, count: int) -> list[str]:
@@ -154,9 +135,7 @@ def sft_init(cfg: Config, like, mesh):
     """The weights SFT starts from: `init_from`'s, or random ones (the same for the
     same seed, so a LoRA SFT's base can be rebuilt for the hand-off to DPO)."""
     if hf_source(cfg):
-        arch, params = hf.load_pretrained(hf_source(cfg), param_dtype=cfg.model.param_dtype)
-        _, params = hf.resize_vocab(arch, params, cfg.model.vocab_size)
-        return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
+        return jax.device_put(hf.init_params(hf_source(cfg), cfg.model), jax.tree.map(lambda x: x.sharding, like))
     if cfg.init_from:
         return checkpoint.load_params(os.path.join(cfg.init_from, "checkpoints"), like)
     return jax.jit(lambda r: model.init(cfg.model, r), out_shardings=jax.tree.map(
