@@ -1,10 +1,13 @@
-"""RL from verifiable rewards: GRPO (or Dr. GRPO, DAPO, RLOO, REINFORCE) from an earlier stage.
+"""RL from verifiable rewards: GRPO (or Dr. GRPO, DAPO, RLOO, REINFORCE) from an earlier stage or a HF model.
 
     python -m experiments.grpo --workdir runs/grpo --set init_from=runs/demo/sft \\
         [--set grpo.algorithm=dr_grpo --set grpo.train.steps=200 ...]
     python -m experiments.grpo --workdir runs/grpo --set init_from=runs/base/sft \\
         --set data=jsonl:prompts.jsonl --set verifier=my_rewards:exact_match \\
         [--set heldout=jsonl:heldout.jsonl] [--set export_dir=out/hf_model]
+    python -m experiments.grpo --workdir runs/grpo_hf --set init_from=hf:path/to/Llama-3.2-1B \\
+        --set data=jsonl:prompts.jsonl --set verifier=my_rewards:exact_match \\
+        --set lora.rank=8 [--set model.dtype=bfloat16] --set export_dir=out/hf_model
 
 Prompts and rewards: by default the built-in instruction tasks ("Translate Blume
 from German to English.", "Reverse: a b c", ...; their training split, never
@@ -17,17 +20,27 @@ error before anything runs; one that raises or returns a non-number names the
 record.
 
 `init_from` names a stage directory of an earlier llm_jax run (its
-checkpoints/, its config.json's model, and the run's tokenizer/ beside it);
-without it the model starts from random weights with `model` and a byte
-tokenizer - a smoke test, not real use. (`hf:DIR` is not offered here: the
-Hugging Face import helpers live in experiments/llama_sft_dpo.py, and
-experiments do not import each other.)
+checkpoints/, its config.json's model, and the run's tokenizer/ beside it), or
+`hf:DIR` a local Hugging Face directory (config.json, safetensors and
+tokenizer.json; Llama, Mistral or GPT-2): the architecture then comes from
+DIR/config.json and only how to compute (model.dtype, param_dtype, remat,
+scan_layers, attention_impl, dropout) from this config, the vocabulary growing
+by the prompt template's <prompt>/<response> tokens (`llm_jax.hf.init_config`).
+Without it the model starts from random weights with `model` and a byte
+tokenizer - a smoke test, not real use.
+
+LoRA (`--set lora.rank=8 --set lora.targets='["q","v"]'`, see llm_jax/lora.py):
+only low-rank adapters train, over the frozen initial weights, which are also
+the KL reference (grpo.kl_coef > 0) without a second copy; the stage's
+checkpoints hold the adapters and their optimizer state, and the evaluation
+after training and the export see the merged model.
 
 Evaluation before and after: on the built-in tasks, held-out instruction
 accuracy (`evals.instruction_accuracy`, total and per task, greedy); on user
 data with `heldout=jsonl:PATH`, the mean verifier reward and the share of
 successes of greedy completions of those records. `export_dir` writes the final
-policy as a Hugging Face directory. Rerun the command to resume.
+policy (LoRA merged) as a Hugging Face directory with the tokenizer. Rerun the
+command to resume.
 """
 
 from __future__ import annotations
@@ -39,9 +52,9 @@ import sys
 
 import jax
 
-from llm_jax import cli, evals, generate, hf, launch, sharding, verifiers
+from llm_jax import cli, evals, generate, hf, launch, lora, sharding, verifiers
 from llm_jax.config import MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
-from llm_jax.data.tokenizer import ByteTokenizer, load_tokenizer
+from llm_jax.data.tokenizer import ByteTokenizer, load_hf_tokenizer, load_tokenizer
 from llm_jax.errors import ConfigError
 from llm_jax.rundir import is_primary, parse_args, say, write_run_json
 from llm_jax.stages import grpo, runner
@@ -52,9 +65,9 @@ MODEL = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=128, num_layers
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    model: ModelConfig = MODEL  # without init_from only (else the stage's own)
+    model: ModelConfig = MODEL  # without init_from (a stage's is its own; hf:DIR's takes the runtime fields)
     mesh: MeshConfig = MeshConfig()
-    init_from: str = ""  # a stage directory of an earlier run, e.g. runs/demo/sft
+    init_from: str = ""  # a stage directory of an earlier run (e.g. runs/demo/sft), or hf:DIR
     data: str = "builtin"  # "builtin" (instruction tasks) or jsonl:PATH of {"prompt", "answer", ...}
     verifier: str = verifiers.BUILTIN  # "builtin" or module:function
     heldout: str = ""  # jsonl:PATH of held-out records (user data): mean verifier reward before/after
@@ -67,7 +80,8 @@ class Config:
     eval_per_task: int = 16  # built-in held-out instructions per task (the pipeline's)
     eval_seed: int = 1234  # the pipeline's, so the numbers compare with its SFT stage
     eval_max_new_tokens: int = 64  # heldout=jsonl: greedy completion budget
-    export_dir: str = ""  # a Hugging Face directory for the final policy
+    lora: lora.LoRAConfig = lora.LoRAConfig()  # rank > 0: only adapters train, the base frozen
+    export_dir: str = ""  # a Hugging Face directory for the final policy (LoRA merged)
 
 
 def jsonl_path(value: str, field: str) -> str:
@@ -77,13 +91,9 @@ def jsonl_path(value: str, field: str) -> str:
 
 
 def init_stage(cfg: Config) -> tuple[str, str] | None:
-    """(workdir, stage) of init_from, or None."""
-    if not cfg.init_from:
+    """(workdir, stage) of an init_from stage directory, or None (none, or hf:DIR)."""
+    if not cfg.init_from or hf.init_dir(cfg.init_from) is not None:
         return None
-    if cfg.init_from.startswith("hf:"):
-        raise ConfigError(f"init_from={cfg.init_from}: this experiment starts from a stage directory of an "
-                          "llm_jax run (e.g. runs/demo/sft); import the Hugging Face model first with "
-                          "experiments.llama_sft_dpo (init_from=hf:DIR) and start from its sft stage")
     path = os.path.normpath(cfg.init_from)
     if not os.path.exists(os.path.join(path, "config.json")):
         raise ConfigError(f"init_from={cfg.init_from}: no config.json there; give a stage directory of an "
@@ -92,7 +102,12 @@ def init_stage(cfg: Config) -> tuple[str, str] | None:
 
 
 def model_and_tokenizer(cfg: Config):
-    """The initial stage's model config and its run's tokenizer (or `model` and bytes)."""
+    """The initial model's config and tokenizer: the HF checkpoint's (hf:DIR), the
+    initial stage's and its run's, or `model` and bytes."""
+    directory = hf.init_dir(cfg.init_from)
+    if directory is not None:
+        tok = load_hf_tokenizer(directory)
+        return hf.init_config(directory, cfg.model, Config().model, tok.vocab_size), tok
     src = init_stage(cfg)
     if src is None:
         return cfg.model, ByteTokenizer()
@@ -142,22 +157,26 @@ def main(argv=None) -> int:
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check_model_fits_mesh(model_cfg, mesh)
     like = runner.model_like(model_cfg, mesh)
-    src = init_stage(cfg)
+    src, directory = init_stage(cfg), hf.init_dir(cfg.init_from)
 
     def init():
-        if src is None:
+        """The initial weights (with LoRA also the frozen base the export merges into)."""
+        if directory is not None:
+            params = hf.init_params(directory, model_cfg)
+        elif src is not None:
+            params = generate.load_stage(*src)[1]
+        else:
             return runner.fresh_params(model_cfg, mesh, cfg.grpo.train.seed)
-        params = generate.load_stage(*src)[1]
         return jax.device_put(params, jax.tree.map(lambda x: x.sharding, like))
 
-    # The stage is declared (config and verifier checked) before anything is written.
+    # The stage is declared (config, LoRA and verifier checked) before anything is written.
     stage = grpo.stage(model_cfg, cfg.grpo, tok, mesh, init=init, records=lambda: training_records(cfg),
                        verifier=cfg.verifier, before=evaluation(cfg, model_cfg, tok, "before"),
-                       after=evaluation(cfg, model_cfg, tok, "after"))
+                       after=evaluation(cfg, model_cfg, tok, "after"), lora=cfg.lora)
     write_run_json(workdir, cfg, "grpo")
     if is_primary():
         tok.save(os.path.join(workdir, "tokenizer"))
-    if src is None:
+    if not cfg.init_from:
         say("init_from is empty: GRPO starts from random weights (a smoke test, not real use)")
     result = runner.run(workdir, stage, mesh)
     if result is None:
@@ -169,7 +188,11 @@ def main(argv=None) -> int:
         say("grpo: by task " + ", ".join(f"{t} {result['by_task_before'][t]:.2f} -> {v:.2f}"
                                          for t, v in result["by_task_after"].items()))
     if cfg.export_dir:
-        policy = runner.host_params(runner.stage_params(workdir, "grpo", like))
+        if cfg.lora.enabled:  # the checkpoints hold the adapters: merged into the weights they trained on
+            final = lora.load_merged(os.path.join(workdir, "grpo", "checkpoints"), init(), cfg.lora, model_cfg, mesh)
+        else:
+            final = runner.stage_params(workdir, "grpo", like)
+        policy = runner.host_params(final)
         if is_primary():
             family = hf.save_pretrained(cfg.export_dir, model_cfg, policy, tokenizer=tok)
             say(f"export: the GRPO policy as a Hugging Face {family} model in {cfg.export_dir}")
