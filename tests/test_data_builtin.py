@@ -178,6 +178,18 @@ def test_builtin_records_are_deterministic_and_seeded():
     assert {r["task"] for r in sub} == {"translate", "square"}
 
 
+def test_verifiable_records_name_an_unknown_task():
+    from llm_jax import verifiers
+    from llm_jax.errors import ConfigError
+
+    recs = verifiers.builtin_records(40, seed=1, tasks=("add", "copy"))
+    assert {r["task"] for r in recs} == {"add", "copy"}
+    assert all(builtin.score_instruction(r["prompt"], r["answer"]) == 1.0 for r in recs)
+    # A misspelt task was a KeyError traceback from inside the item generator.
+    with pytest.raises(ConfigError, match=r"\['ad'\].*choose from"):
+        verifiers.builtin_records(1, tasks=("ad", "copy"))
+
+
 def test_legacy_helpers_keep_their_signatures():
     doc = builtin.few_shot_document(random.Random(0), "square", 3)
     assert len(_lines(doc)) == 3 and all(int(a) == int(q) ** 2 for q, a in _lines(doc))
