@@ -26,6 +26,8 @@ Series = list[tuple[int, float]]
 # names to try in order).
 PPO_PANELS = (("mean score", ("score", "reward")), ("KL to reference", ("kl",)))
 DPO_PANELS = (("reward margin", ("reward_margin",)), ("preference accuracy", ("accuracy",)))
+# GRPO's reward is its verifier's, on each step's first draw of samples (before dynamic sampling chooses)
+GRPO_PANELS = (("mean reward", ("reward_mean",)), ("groups with equal rewards", ("zero_variance_groups",)))
 
 ROW_KEYS = ("stage", "metric", "before", "after", "seconds")
 
@@ -148,6 +150,7 @@ def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
                   held-out "eval_heldout_loss" of train.eval_every on it, if logged)
         ppo.png   mean score (or reward) and KL to the reference, if a stage named "ppo" logged them
         dpo.png   reward margin and preference accuracy, if a stage named "dpo" logged them
+        grpo.png  mean reward and the share of groups with equal rewards, if a stage named "grpo" logged them
 
     `stage_dirs` are stage directories (relative ones are taken inside `workdir`);
     the stage's name is the directory's base name. A figure with nothing to show
@@ -175,7 +178,7 @@ def plot_curves(workdir: str, stage_dirs: Iterable[str]) -> list[str]:
                 ax.plot(steps, values, marker="o", label="held-out")
                 ax.legend()
         written.append(_save(fig, os.path.join(workdir, "loss.png")))
-    for stage_name, panels in (("ppo", PPO_PANELS), ("dpo", DPO_PANELS)):
+    for stage_name, panels in (("ppo", PPO_PANELS), ("dpo", DPO_PANELS), ("grpo", GRPO_PANELS)):
         for name, metrics in stages:
             if name == stage_name:
                 png = _rl_figure(metrics, panels, name, os.path.join(workdir, f"{stage_name}.png"))

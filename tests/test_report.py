@@ -65,18 +65,21 @@ def synthetic_workdir(root):
                                       for s in steps])
     write_metrics(str(root / "dpo"), [{"step": s, "loss": 0.6, "reward_margin": s / 50,
                                        "accuracy": 0.5 + s / 250} for s in steps])
+    write_metrics(str(root / "grpo"), [{"step": s, "loss": 0.0, "reward_mean": s / 200,
+                                        "zero_variance_groups": 0.5} for s in steps])
     os.makedirs(root / "rm")  # a stage that has not logged anything
-    return [str(root / s) for s in ("pretrain", "sft", "rm", "ppo", "dpo", "missing")]
+    return [str(root / s) for s in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo", "missing")]
 
 
 def test_plot_curves_writes_pngs(tmp_path):
     stages = synthetic_workdir(tmp_path)
     written = rep.plot_curves(str(tmp_path), stages)
-    assert [os.path.basename(p) for p in written] == ["loss.png", "ppo.png", "dpo.png"]
+    assert [os.path.basename(p) for p in written] == ["loss.png", "ppo.png", "dpo.png", "grpo.png"]
     # One 4.2-inch panel at 100 dpi per stage with a loss (rm has none) or per RL metric.
-    assert png_size(tmp_path / "loss.png") == (1680, 320)
+    assert png_size(tmp_path / "loss.png") == (2100, 320)
     assert png_size(tmp_path / "ppo.png") == (840, 320)
     assert png_size(tmp_path / "dpo.png") == (840, 320)
+    assert png_size(tmp_path / "grpo.png") == (840, 320)
 
 
 def test_plot_curves_skips_what_is_missing(tmp_path):
