@@ -12,9 +12,11 @@ compiles already in the JSON, so an interrupted run continues where it stopped.
 Settings, the same for every model:
   * sequence length 4096; global batch = 1 sequence per chip (rm, dpo: 1 pair,
     i.e. 2 rows; generate: 1 prompt of 2048 tokens + 2048 sampled; ppo: 1 rollout
-    of 2048 + 2048, one epoch of one minibatch: the update's program, once). So
-    the per-chip activations are the same on every slice and a bigger slice is
-    only more data parallelism.
+    of 2048 + 2048, one epoch of one minibatch: the update's program, once; grpo:
+    1 prompt per chip with its group of 8 completions of 2048 + 2048, one update
+    accumulated over 8 microbatches of 1 row per chip). So the per-chip
+    activations are the same on every slice and a bigger slice is only more data
+    parallelism.
   * full fine-tuning: AdamW, bf16 compute (`model.dtype=bfloat16`), f32 master
     weights (`param_dtype=float32`), `remat=full`.
   * LoRA: rank 16 on q, k, v, o, up, gate, down, the frozen base stored in bf16
@@ -51,6 +53,7 @@ import jax
 from llm_jax import aot, plan
 from llm_jax.config import MeshConfig, preset
 from llm_jax.lora import LoRAConfig
+from llm_jax.stages.grpo import GRPOConfig
 from llm_jax.stages.ppo import PPOConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -62,8 +65,9 @@ MODES = ("full", "lora")
 # v5p's smallest is 2x2x1 (v5p-8, 4 chips).
 LADDER = {"v5p": ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4"),
           "v6e": ("v6e:1x1", "v6e:2x2", "v6e:2x4", "v6e:4x4")}
+GROUP = 8  # grpo: completions per prompt, and the update's microbatches (1 row per chip each)
 LORA = LoRAConfig(rank=16, alpha=32.0, targets=("q", "k", "v", "o", "up", "gate", "down"))
-STAGES = {"full": ("sft", "pretrain", "sft_kl", "rm", "dpo", "ppo", "generate"),
+STAGES = {"full": ("sft", "pretrain", "sft_kl", "rm", "dpo", "ppo", "generate", "grpo"),
           "lora": ("sft", "sft_kl", "rm", "dpo")}
 
 
@@ -88,7 +92,8 @@ def settings(name: str, mode: str, topology: str, stage: str) -> aot.AOTSettings
     return aot.AOTSettings(stage=stage, topology=topology, mesh=MeshConfig(1, n, 1), batch_size=n, seq_len=SEQ,
                            model=model_config(name, mode), label=name,
                            lora=LORA if mode == "lora" and stage in aot.LORA_STAGES else LoRAConfig(),
-                           ppo=PPOConfig(epochs=1, minibatches=1))
+                           ppo=PPOConfig(epochs=1, minibatches=1),
+                           grpo=GRPOConfig(group_size=GROUP, update_microbatches=GROUP))
 
 
 def planned_bytes(name: str, mode: str, topology: str) -> int:
@@ -226,7 +231,8 @@ def markdown(run: Runner, meta: dict) -> str:
         "step for the slice with the real TPU compiler on a CPU host (`llm_jax.aot`); no TPU ran anything.",
         "",
         f"Settings: sequence length {SEQ}; 1 sequence per chip (rm/dpo: 1 pair; generate: 2048-token prompt + "
-        "2048 sampled; ppo: one update on a 2048 + 2048 rollout); FSDP over all chips of one slice; remat full. "
+        "2048 sampled; ppo: one update on a 2048 + 2048 rollout; grpo: one update on 1 prompt per chip x "
+        f"{GROUP} completions of 2048 + 2048, accumulated over {GROUP} microbatches of 1 row per chip); FSDP over all chips of one slice; remat full. "
         "Full fine-tuning: AdamW, bf16 compute, f32 master weights. LoRA: rank 16 on q,k,v,o,up,gate,down, "
         "frozen base in bf16, adapters f32. GiB per chip = arguments + outputs + temp - alias (+ ppo's frozen "
         "reference and reward model, held beside the step); planned = `llm_jax.plan` (full-parameter "

@@ -16,11 +16,13 @@ when the TPU compiler refuses the program for want of HBM), 2 settings that
 cannot work (`error: ...` on stderr, before anything is compiled).
 
 Stages (`STAGES`: adding one is one entry): pretrain, mlm, sft, sft_kl, rm, dpo,
-ppo (the PPO update), generate (the KV-cache sampler). generate and ppo split
---seq-len into a prompt and `max_new_tokens` new tokens (default: half each; the
-KV cache has seq_len slots). `--set` takes model.* (on top of the preset),
-optim.*, lora.* (sft, sft_kl, rm, dpo), ppo.*, mesh.* and the fields of
-`AOTSettings`; a wrong key fails with its name.
+ppo (the PPO update), generate (the KV-cache sampler), grpo (the GRPO update on
+--batch-size prompts x grpo.group_size completions; its sampler is generate's
+program on that many rows: `--stage generate --batch-size PROMPTS*G`). generate,
+ppo and grpo split --seq-len into a prompt and `max_new_tokens` new tokens
+(default: half each; the KV cache has seq_len slots). `--set` takes model.* (on
+top of the preset), optim.*, lora.* (sft, sft_kl, rm, dpo), ppo.*, grpo.*,
+mesh.* and the fields of `AOTSettings`; a wrong key fails with its name.
 
 From Python: `compile_stage(AOTSettings(stage="sft", topology="v5p:2x2x1",
 mesh=MeshConfig(1, 4, 1), batch_size=16, seq_len=2048, model=preset("llama3_8b"),
@@ -67,7 +69,8 @@ from llm_jax.config import PRESETS, ConfigError, MeshConfig, ModelConfig, Optimi
 from llm_jax.data import packing
 from llm_jax.data.loader import DataConfig
 from llm_jax.lora import LoRAConfig
-from llm_jax.stages import dpo, mlm, ppo, pretrain, reward, sft
+from llm_jax.stages import dpo, grpo, mlm, ppo, pretrain, reward, sft
+from llm_jax.stages.grpo import GRPOConfig
 from llm_jax.stages.ppo import PPOConfig
 
 GiB = 1024 ** 3
@@ -153,8 +156,8 @@ class AOTSettings:
     topology: str = "v5p:2x2x1"  # GEN:AxB or GEN:AxBxC (chips per axis); see known_topologies()
     num_slices: int = 1  # > 1: multislice, the data axis spans the slices
     mesh: MeshConfig = MeshConfig(data=1, fsdp=-1, tensor=1)  # global; -1 takes the rest
-    batch_size: int = 16  # global rows (rm/dpo: packed rows of chosen and of rejected; ppo, generate: prompts)
-    seq_len: int = 2048  # tokens per row; generate and ppo: prompt + new tokens
+    batch_size: int = 16  # global rows (rm/dpo: packed rows of chosen and of rejected; ppo, generate, grpo: prompts)
+    seq_len: int = 2048  # tokens per row; generate, ppo and grpo: prompt + new tokens
     model: ModelConfig = PRESETS["tiny"]
     label: str = "tiny"
     optim: OptimizerConfig = OptimizerConfig()
@@ -166,7 +169,8 @@ class AOTSettings:
     # both sides); False: the scalar head alone. LoRA reward models have no likelihood term.
     rm_likelihood: bool = False
     ppo: PPOConfig = PPOConfig()  # epochs, minibatches, update_microbatches, ...
-    max_new_tokens: int = 0  # generate, ppo: tokens sampled after the prompt; 0: seq_len // 2
+    grpo: GRPOConfig = GRPOConfig()  # algorithm, group_size, updates, minibatches, kl_coef, ...
+    max_new_tokens: int = 0  # generate, ppo, grpo: tokens sampled after the prompt; 0: seq_len // 2
 
     @property
     def new_tokens(self) -> int:
@@ -189,7 +193,7 @@ class AOTSettings:
                               f"set --set model.max_len={self.seq_len} (rotary models) or a shorter --seq-len")
         if self.stage == "mlm":
             mlm.check_encoder(self.model)
-        if self.stage in ("ppo", "generate") and not self.model.causal:
+        if self.stage in SAMPLING_STAGES and not self.model.causal:
             raise ConfigError(f"stage {self.stage} samples text: it needs a causal (decoder) model, "
                               "but model.causal=False")
         if self.stage == "sft_kl" and self.kl_coef <= 0:
@@ -200,15 +204,22 @@ class AOTSettings:
         if self.stage == "rm" and self.lora.enabled and self.rm_likelihood:
             raise ConfigError("rm_likelihood=true with lora.rank > 0: a LoRA reward model "
                               "(lora.lora_reward_loss_fn) has no likelihood term; set rm_likelihood=false")
-        if self.stage in ("generate", "ppo") and not 0 < self.new_tokens < self.seq_len:
+        if self.stage in SAMPLING_STAGES and not 0 < self.new_tokens < self.seq_len:
             raise ConfigError(f"max_new_tokens={self.new_tokens} must leave a prompt in --seq-len "
                               f"{self.seq_len} (0 < max_new_tokens < seq_len)")
-        default = PPOConfig()
-        for name, flag in (("rollout_batch", "--batch-size"), ("max_new_tokens", "max_new_tokens")):
-            if getattr(self.ppo, name) != getattr(default, name):
-                raise ConfigError(f"ppo.{name}: the ahead-of-time PPO update takes it from {flag}; "
-                                  f"leave ppo.{name} at its default")
+        for section, field in (("ppo", "rollout_batch"), ("grpo", "prompts")):
+            default = type(getattr(self, section))()
+            for name, flag in ((field, "--batch-size"), ("max_new_tokens", "max_new_tokens")):
+                if getattr(getattr(self, section), name) != getattr(default, name):
+                    raise ConfigError(f"{section}.{name}: the ahead-of-time {section.upper()} update takes it "
+                                      f"from {flag}; leave {section}.{name} at its default")
+        if self.stage == "grpo":
+            self.grpo_config()
         return self
+
+    def grpo_config(self) -> GRPOConfig:
+        """grpo with --batch-size prompts and max_new_tokens new tokens, checked."""
+        return dataclasses.replace(self.grpo, prompts=self.batch_size, max_new_tokens=self.new_tokens).validate()
 
 
 def _flag(name: str) -> str:
@@ -605,6 +616,42 @@ def _generate(s: AOTSettings, mesh: Mesh) -> Built:
                  "not modelled: the planner plans training", min_bytes_per_chip=N * plan.sharded_bytes(params, mesh))
 
 
+def _grpo(s: AOTSettings, mesh: Mesh) -> Built:
+    """The GRPO update (`grpo.make_grpo_update`, jitted as `make_grpo_step` does) on
+    batch_size prompts x group_size sampled rows of prompt_len + new_tokens tokens,
+    with the sampling policy's log-probs when it takes several optimizer steps and
+    the reference's with a KL penalty (what `make_grpo_step`'s score adds)."""
+    cfg, n = s.model, matmul_params(s.model)
+    g = s.grpo_config()
+    R, Pn, N = g.rows, s.prompt_len, s.new_tokens
+    sharding.check_batch_fits_mesh(s.batch_size, 1, mesh)  # the sampler splits the prompts (grpo.check)
+    sharding.check_batch_fits_mesh(R // g.minibatches, g.update_microbatches, mesh)
+    tx, schedule = train.make_optimizer(s.optim, 1000 * g.optimizer_steps_per_step)
+    state, shards = _train_state(lambda r: model.init(cfg, r), tx, mesh)
+    rep = NamedSharding(mesh, P())
+    update = jax.jit(grpo.make_grpo_update(cfg, g, tx, schedule), out_shardings=(shards, rep, rep),
+                     donate_argnums=0)
+    # The sampled rows' fields, keys and dtypes from the rollout builder itself.
+    rollout = jax.eval_shape(ppo.build_rollout, *(jax.ShapeDtypeStruct(shape, jnp.int32)
+                                                   for shape in ((R, Pn), (R, Pn), (R, N))))
+    scored = [k for k, needed in (("old_logprobs", g.optimizer_steps_per_step > 1), ("ref_logprobs", g.kl_coef > 0))
+              if needed]
+    fields = {**rollout, **{k: jax.ShapeDtypeStruct((R, N), jnp.float32) for k in scored}}
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.batch_sharding(mesh, x.ndim))
+             for k, x in fields.items()}
+    args = (state, batch, jax.ShapeDtypeStruct((R,), jnp.float32, sharding=sharding.batch_sharding(mesh, 1)),
+            jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep))
+    with jax.set_mesh(mesh):  # activation constraints read the mesh at trace time
+        lowered = update.lower(*args)
+    micro = R // g.minibatches // g.update_microbatches
+    reference = plan.sharded_bytes(_lm_params(cfg, mesh), mesh) if g.kl_coef > 0 else 0
+    return Built(lowered, _traced_flops(update, mesh, *args), 6 * n * R * s.seq_len * g.updates,
+                 f"6 N x rows x (prompt + new tokens) x updates, rows = {s.batch_size} prompts x {g.group_size}, "
+                 f"N = {n:,}", _planned(s, mesh, micro),
+                 f"full training on {micro} sequences per pass (the update; not the sampler's KV cache)",
+                 resident_bytes=reference)
+
+
 # The stage table: name -> builder(settings, mesh) -> Built. A new stage is one entry.
 STAGES: dict[str, Callable[[AOTSettings, Mesh], Built]] = {
     "pretrain": _pretrain,
@@ -615,8 +662,10 @@ STAGES: dict[str, Callable[[AOTSettings, Mesh], Built]] = {
     "dpo": _dpo,
     "ppo": _ppo,
     "generate": _generate,
+    "grpo": _grpo,
 }
 LORA_STAGES = ("sft", "sft_kl", "rm", "dpo")
+SAMPLING_STAGES = ("ppo", "generate", "grpo")  # causal models only; --seq-len = prompt + max_new_tokens
 
 
 # ---------------------------------------------------------------------------
@@ -654,7 +703,8 @@ def compile_stage(settings: AOTSettings) -> dict:
             of one chip; total = arguments + outputs + temp - alias (donated state),
         hbm_bytes (one chip's HBM a program may use, `Chip.usable_hbm_bytes`),
         hbm_capacity_bytes (as documented), fits (total + resident_bytes <= hbm_bytes),
-        resident_bytes (per chip, frozen models a stage holds beside its step: PPO),
+        resident_bytes (per chip, frozen models a stage holds beside its step: PPO's
+            reference and reward model, GRPO's reference when grpo.kl_coef > 0),
         flops_per_chip (XLA's cost analysis, one chip, each loop body once),
         bytes_accessed_per_chip (the same), traced_flops (`jaxpr_flops` of the step, all
             chips: loops counted in full, remat included), model_flops (whole step, all
@@ -789,7 +839,7 @@ def settings_from_args(argv: list[str] | None = None) -> AOTSettings:
     p.add_argument("--batch-size", type=int, required=True, help="global batch in sequences")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sequence")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model.*, optim.*, lora.*, ppo.*, microbatches, kl_coef, max_new_tokens, ...")
+                   help="model.*, optim.*, lora.*, ppo.*, grpo.*, microbatches, kl_coef, max_new_tokens, ...")
     args = p.parse_args(argv)
     s = AOTSettings(stage=args.stage, topology=args.topology, num_slices=args.num_slices,
                     mesh=_parse_mesh(args.mesh), batch_size=args.batch_size, seq_len=args.seq_len,

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from llm_jax import aot, cli, lora, model, plan, sharding, train
 from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, preset
+from llm_jax.stages.grpo import GRPOConfig
 from llm_jax.stages.ppo import PPOConfig
 
 from tpu_compiler import require_libtpu
@@ -33,7 +34,7 @@ from tpu_compiler import require_libtpu
 require_libtpu(module_level=True)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("pretrain", "mlm", "sft", "sft_kl", "rm", "dpo", "ppo", "generate")
+STAGES = ("pretrain", "mlm", "sft", "sft_kl", "rm", "dpo", "ppo", "generate", "grpo")
 B, T = 8, 32
 # PPO with one update per iteration: the same program, a shorter compile.
 SMALL_PPO = PPOConfig(epochs=1, minibatches=1)
@@ -90,6 +91,8 @@ def test_every_stage_on_v5p_through_the_cli(stage, capsys):
     assert out[0].startswith(f"tiny {stage} on v5p:2x2x1") and any("compile:" in line for line in out)
     if stage == "ppo":  # the frozen reference and reward model sit beside the update
         assert r["resident_bytes"] > 0
+    if stage == "grpo":  # no KL penalty by default: no reference held; 8 prompts x 8 completions
+        assert r["resident_bytes"] == 0 and "rows = 8 prompts x 8" in r["flops_formula"]
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -192,6 +195,63 @@ def test_lora_step_holds_the_base_once_and_trains_only_adapters(full_sft):
     assert adapted["planned_total_bytes"] is None and "LoRA" in adapted["flops_formula"]
 
 
+# A GRPO update of the aligned model on rows of a 128-token prompt + 128 new tokens:
+# every per-chip array of the rollout is a whole number of (8, 128) tiles.
+GRPO_MODEL = dataclasses.replace(ALIGNED, max_len=256)
+GRPO_T, GRPO_N = 256, 128
+
+
+def grpo_settings(**grpo):
+    return settings("grpo", model=GRPO_MODEL, seq_len=GRPO_T, max_new_tokens=GRPO_N, grpo=GRPOConfig(**grpo))
+
+
+def test_grpo_update_arguments_are_the_state_and_the_sampled_rows():
+    """The GRPO update's arguments against the sharded TrainState and the rows of
+    B prompts x G completions written here from shapes; with several optimizer steps
+    and a KL penalty the scored log-probs come with the rows and the reference sits
+    beside the step; each pass over the batch counts in the traced and model FLOPs
+    but once in XLA's (a loop body)."""
+    G = 4  # 32 rows: 8 per chip, one sublane tile
+    rows_per_chip = B * G // 4
+
+    def rollout_bytes(scored):
+        # tokens, positions, segment_ids [T] int32; response [N] int32, weights [N] float32,
+        # + the scored log-probs [N] float32; the reward of each row (float32).
+        return rows_per_chip * 4 * (3 * GRPO_T + (2 + scored) * GRPO_N + 1)
+
+    tx, _ = train.make_optimizer(OptimizerConfig(), 1000)
+
+    def init(rng):
+        p = model.init(GRPO_MODEL, rng)
+        return train.TrainState(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p), rng=rng)
+
+    state = jax.eval_shape(init, jax.random.PRNGKey(0))
+    mesh = plan.abstract_mesh(1, 4, 1)
+    state_bytes = plan.sharded_bytes(state, mesh)
+    n = sum(x.size for x in jax.tree.leaves(state.params))  # tied: every weight is a matmul weight
+
+    one = aot.compile_stage(grpo_settings(group_size=G))
+    want = state_bytes + rollout_bytes(0) + 8  # + the shuffle key
+    got = one["per_chip_bytes"]["arguments"]
+    assert want <= got <= 1.005 * want, (got, want)  # layout padding of the [L, D] norm scales and [rows] rewards
+    assert one["resident_bytes"] == 0
+    assert one["model_flops"] == 6 * n * B * G * GRPO_T
+    # One pass, no loop to miss: the traced matmuls are XLA's count less its elementwise
+    # work. The LM head reads only the response's states (ppo.action_logits), so both
+    # counts fall a little below 6 N per token.
+    assert 0.97 < one["traced_flops"] / 4 / one["flops_per_chip"] <= 1.0
+    assert 0.97 < one["traced_flops"] / one["model_flops"] <= 1.0
+
+    two = aot.compile_stage(grpo_settings(group_size=G, updates=2, kl_coef=0.1))
+    want = state_bytes + rollout_bytes(2) + 8
+    got = two["per_chip_bytes"]["arguments"]
+    assert want <= got <= 1.005 * want, (got, want)
+    assert two["resident_bytes"] == plan.sharded_bytes(state.params, mesh)  # the frozen reference
+    assert two["model_flops"] == 2 * one["model_flops"]
+    assert two["traced_flops"] == pytest.approx(2 * one["traced_flops"], rel=1e-3)
+    assert two["flops_per_chip"] == pytest.approx(one["flops_per_chip"], rel=0.02)  # the scan's body once
+
+
 def test_fits_follows_the_chip_hbm(monkeypatch):
     r = aot.compile_stage(settings("generate"))
     assert r["fits"] and r["hbm_bytes"] == int(95.74 * 1024 ** 3)
@@ -273,14 +333,22 @@ def test_settings_errors_name_the_field(capsys, no_compile):
     assert code == 2 and "no field 'nope' in ModelConfig" in err
     code, err = run_cli(capsys, "--set", "lora.rank=8")
     assert code == 2 and "LoRA applies to sft, sft_kl, rm, dpo" in err
-    code, err = run_cli(capsys, stage="grpo")
-    assert code == 2 and "--stage 'grpo'" in err
+    code, err = run_cli(capsys, stage="reinforce")
+    assert code == 2 and "--stage 'reinforce'" in err and "grpo" in err
     code, err = run_cli(capsys, stage="mlm")
     assert code == 2 and "model.causal=True" in err
     code, err = run_cli(capsys, seq="128")
     assert code == 2 and "exceeds model.max_len=64" in err
     code, err = run_cli(capsys, "--set", "ppo.rollout_batch=64", stage="ppo")
     assert code == 2 and "ppo.rollout_batch" in err and "--batch-size" in err
+    code, err = run_cli(capsys, "--set", "grpo.prompts=64", stage="grpo")
+    assert code == 2 and "grpo.prompts" in err and "--batch-size" in err
+    code, err = run_cli(capsys, "--set", "grpo.max_new_tokens=8", stage="grpo")
+    assert code == 2 and "grpo.max_new_tokens" in err
+    code, err = run_cli(capsys, "--set", "model.causal=false", stage="grpo")
+    assert code == 2 and "stage grpo samples text" in err
+    code, err = run_cli(capsys, "--set", "grpo.group_size=1", stage="grpo")
+    assert code == 2 and "grpo.group_size=1" in err
     for mesh in ("1,4", "1,x,1"):
         code, err = run_cli(capsys, mesh=mesh)
         assert code == 2 and err == f"error: --mesh {mesh!r}: expected three sizes DATA,FSDP,TENSOR (one may be -1), e.g. 1,4,1"
