@@ -25,9 +25,10 @@ TINY = ["model.d_model=32", "model.num_layers=1", "model.num_heads=2", "model.d_
         "ppo.ppo.minibatches=2", "ppo.train.log_every=1", "ppo.optim.lr=1e-3",
         "dpo.train.steps=8", "dpo.train.batch_size=8", "dpo.train.seq_len=64", "dpo.data.size=200",
         "dpo.train.log_every=1",
-        "eval.icl_per_task=1", "eval.instruction_per_task=1", "eval.win_prompts=4", "eval.max_new_tokens=8",
+        "grpo.train.steps=3", "grpo.train.log_every=1", "grpo.prompts=8", "grpo.group_size=2", "grpo.max_new_tokens=6", "grpo_prompts=50",
+        "eval.grpo_instruction_per_task=1", "eval.icl_per_task=1", "eval.instruction_per_task=1", "eval.win_prompts=4", "eval.max_new_tokens=8",
         "eval.shots=1", "eval.rm_pairs=8"]
-STEPS = {"pretrain": 2, "sft": 8, "rm": 8, "ppo": 6, "dpo": 8}
+STEPS = {"pretrain": 2, "sft": 8, "rm": 8, "ppo": 6, "dpo": 8, "grpo": 3}
 
 
 def rows_of(workdir, stage):
@@ -42,7 +43,7 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     argv = ["--workdir", workdir] + [x for s in TINY for x in ("--set", s)]
     assert pipeline.main(argv) == 0
     ev = {}
-    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
         ev[stage] = json.load(open(os.path.join(workdir, stage, "eval.json")))
         assert ev[stage]["steps"] == STEPS[stage], stage
         rows = rows_of(workdir, stage)
@@ -81,10 +82,18 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     assert all(r["reward_margin"] > 0 for r in dpo_rows[-3:]), dpo_rows
     assert np.mean([r["accuracy"] for r in dpo_rows[-3:]]) > 0.6, dpo_rows
     assert dpo_rows[-1]["loss"] < np.log(2.0), dpo_rows
+    # GRPO: this model answers no instruction, so every group's rewards are equal (0) and
+    # there is nothing to learn; the test checks that it sampled, was verified on the
+    # chosen tasks only, and was evaluated against SFT on every task with its KL.
+    grpo_rows = rows_of(workdir, "grpo")
+    assert len(grpo_rows) == STEPS["grpo"] and all(r["zero_variance_groups"] == 1.0 for r in grpo_rows)
+    assert set(ev["grpo"]["by_task_after"]) == set(ev["grpo"]["by_task_before"]) == set(ev["sft"]["by_task_after"])
+    assert ev["grpo"]["kl_to_base"] is not None and 0.0 <= ev["grpo"]["win_rate"] <= 1.0
     report = open(os.path.join(workdir, "report.md")).read()
-    for stage in ("pretrain", "sft", "rm", "ppo", "dpo"):
+    for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
         assert f"| {stage} |" in report, stage
-    for png in ("loss.png", "ppo.png", "dpo.png"):
+    assert "## GRPO" in report and "KL to SFT" in report
+    for png in ("loss.png", "ppo.png", "dpo.png", "grpo.png"):
         assert os.path.exists(os.path.join(workdir, png)) and f"]({png})" in report, png
     capsys.readouterr()
     # A rerun finds every stage finished and trains nothing.
