@@ -25,6 +25,7 @@ SLOW_MODULES = {
     "test_packaging",  # pip installs into a fresh virtual environment
     "test_aot", "test_splash",  # TPU compiles with libtpu, Pallas in interpret mode
     "test_benchmark_device", "test_benchmark_core",  # benchmarks' --tiny runs, a subprocess per round
+    "test_benchmark_grpo",  # benchmarks.grpo --tiny: two models' compiles and GRPO steps (18 s)
     "test_tpu_scripts",  # the tpu/ shell scripts against a fake gcloud
     "test_plan",  # real sharded states and XLA's memory analysis on 8 devices
     "test_loop", "test_checkpoint", "test_rundir",  # stage runs with checkpoints, resume, signals
