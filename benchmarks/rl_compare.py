@@ -71,6 +71,7 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -209,15 +210,13 @@ def sampled_counts(metrics_path: str, rows: int, max_new_tokens: int) -> dict:
     with open(metrics_path) as f:
         logged = [json.loads(line) for line in f if line.strip()]
     steps = [m for m in logged if "loss" in m]  # not the rollback events
-    completions, tokens, refills = 0, 0.0, 0
-    for m in steps:
-        rounds = 1 + int(m.get("refill_rounds", 0))
-        refills += rounds - 1
-        completions += rounds * rows
-        tokens += rows * (float(m["response_length"]) + 1.0 - float(m["no_eos_fraction"]))
-    return {"steps": len(steps), "completions": completions, "tokens": int(round(tokens)),
-            "token_slots": completions * max_new_tokens, "refill_rounds": refills,
-            "tokens_exact": refills == 0}
+    rounds = [1 + int(m.get("refill_rounds", 0)) for m in steps]
+    by_step = [int(round(rows * (float(m["response_length"]) + 1.0 - float(m["no_eos_fraction"]))))
+               for m in steps]
+    completions = sum(rounds) * rows
+    return {"steps": len(steps), "completions": completions, "tokens": sum(by_step),
+            "token_slots": completions * max_new_tokens, "refill_rounds": sum(rounds) - len(steps),
+            "tokens_exact": sum(rounds) == len(steps), "tokens_by_step": by_step}
 
 
 def reward_trend(metrics_path: str, key: str, n: int = 10) -> dict:
@@ -394,7 +393,7 @@ def sample_pairs(model_cfg, sft, tok, records: list[dict], s: Settings, mesh) ->
     step = grpo.make_grpo_step(model_cfg, g, tx, tok, records=records, verifier=fn, verifier_name=s.verifier,
                                mesh=mesh, state_shardings=shardings)
     loader = prompt_loader(records, tok, s)
-    pairs, none, completions, tokens = [], {}, 0, 0
+    pairs, none, completions, by_step = [], {}, 0, []
     for i in range(s.steps):
         rnd, _ = step.collect(dataclasses.replace(state, step=jnp.asarray(i, jnp.int32)),
                               sharding.shard_batch(next(loader), mesh))
@@ -404,9 +403,10 @@ def sample_pairs(model_cfg, sft, tok, records: list[dict], s: Settings, mesh) ->
         for k, v in why.items():
             none[k] = none.get(k, 0) + v
         completions += len(texts)
-        tokens += int(np.sum(rnd.rollout["weights"]))  # real tokens, the eos included
-    return pairs, {"steps": s.steps, "completions": completions, "tokens": tokens,
+        by_step.append(int(np.sum(rnd.rollout["weights"])))  # real tokens, the eos included
+    return pairs, {"steps": s.steps, "completions": completions, "tokens": sum(by_step),
                    "token_slots": completions * s.max_new_tokens, "refill_rounds": 0, "tokens_exact": True,
+                   "tokens_by_step": by_step,
                    "groups": completions // s.group_size, "pairs": len(pairs), "groups_without_pair": none,
                    "sample_seconds": time.perf_counter() - t0}
 
@@ -494,13 +494,66 @@ def run_worker(method: str, workdir: str, timeout: int) -> dict:
                                   timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         code = f"timed out after {timeout} s"
-    around = {"process_seconds": time.perf_counter() - t0, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
-              "log": log}
+    error = None
     if code != 0 or not os.path.exists(result_path(workdir, method)):
         with open(log) as f:
-            return {"method": method, "error": f"exit {code}: " + f.read()[-3000:], **around}
+            error = f"exit {code}: " + f.read()[-3000:]
+    return _collected(method, workdir, error, load0, t0, log)
+
+
+def run_here(method: str, workdir: str, timeout: int) -> dict:
+    """`run_worker` inside this process (`--in-process`; the tests): one JAX process for
+    every method, so the times are not each method's alone. `timeout` is not enforced."""
+    del timeout
+    load0, t0 = os.getloadavg(), time.perf_counter()
+    worker_main(method, workdir)
+    return _collected(method, workdir, None, load0, t0, "(this process)")
+
+
+def _collected(method: str, workdir: str, error: str | None, load0, t0: float, log: str) -> dict:
+    around = {"process_seconds": time.perf_counter() - t0, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
+              "log": log}
+    if error is not None:
+        return {"method": method, "error": error, **around}
     with open(result_path(workdir, method)) as f:
         return {**json.load(f), **around}
+
+
+def measure(sft_dir: str, workdir: str, s: Settings, methods=METHODS, *, timeout: int = 1800,
+            run=run_worker, progress=print) -> dict:
+    """The SFT model's evaluation, then each method, one after the other (`run`: each in its
+    own process by default), all in `workdir` (made; it must be new or empty): the
+    results without the command line and the total time."""
+    if os.path.isdir(workdir) and os.listdir(workdir):
+        raise ValueError(f"--workdir {workdir} is not empty: the runner would reuse finished stages; give a new one")
+    os.makedirs(workdir, exist_ok=True)
+    machine = common.machine_info()  # the load average before any work
+    t_start = time.perf_counter()
+    sft_dir = os.path.abspath(sft_dir)
+    # The SFT run's tokenizer: workdir is then a run directory like any other, whose stages
+    # `generate.load_stage` (and `python -m llm_jax.generate`) read.
+    shutil.copytree(os.path.join(os.path.dirname(sft_dir), "tokenizer"), os.path.join(workdir, "tokenizer"))
+    with open(os.path.join(workdir, "settings.json"), "w") as f:
+        json.dump({"sft": sft_dir, "settings": dataclasses.asdict(s)}, f, indent=1)
+    versions = common.versions()
+    versions.pop("torch", None)
+    with open(os.path.join(sft_dir, "config.json")) as f:
+        sft_model = json.load(f)["model"]
+    results: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "machine": machine, "versions": versions, "git": git_revision(), "sft": sft_dir,
+                     "sft_model": sft_model, "sft_params": sft_param_count(sft_model), "workdir": workdir,
+                     "settings": dataclasses.asdict(s),
+                     "configs": {k: dataclasses.asdict(c) for k, c in stage_configs(s, workdir).items()},
+                     "methods": {}}
+    for method in (REFERENCE, *methods):
+        progress(f"[{time.perf_counter() - t_start:.0f}s] {method} (log: {workdir}/{method}.log)")
+        x = results["methods"][method] = run(method, workdir, timeout)
+        progress(f"[{time.perf_counter() - t_start:.0f}s] {method}: "
+                 + (x["error"][-300:] if "error" in x else
+                    f"held-out accuracy {x['evaluation']['accuracy']:.3f} ({x['process_seconds']:.0f} s)"))
+    results["loadavg_end"] = os.getloadavg()
+    results["runtime_s"] = time.perf_counter() - t_start
+    return results
 
 
 # ---------------------------------------------------------------------------
@@ -707,6 +760,8 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-per-task", type=int, default=Settings.eval_per_task)
     ap.add_argument("--kl-per-task", type=int, default=Settings.kl_per_task)
     ap.add_argument("--timeout", type=int, default=1800, help="seconds a method's process may take")
+    ap.add_argument("--in-process", action="store_true",
+                    help="every method in this one process (checks that it runs; times are not each method's own)")
     ap.add_argument("--out", default=os.path.join(HERE, "RL_COMPARE.md"),
                     help="the report (default benchmarks/RL_COMPARE.md); the JSON goes beside it")
     ap.add_argument("--report-only", metavar="JSON", help="measure nothing: re-render --out from a saved JSON")
@@ -731,34 +786,12 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="rl_compare-")
     if os.path.isdir(workdir) and os.listdir(workdir):
         ap.error(f"--workdir {workdir} is not empty: the runner would reuse finished stages; give a new one")
-    os.makedirs(workdir, exist_ok=True)
     command = (f"cd {os.getcwd()} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
                f"-m benchmarks.rl_compare {' '.join(argv if argv is not None else sys.argv[1:])}").strip()
-    machine = common.machine_info()  # the load average before any work
-    t_start = time.perf_counter()
     s = Settings(steps=args.steps, eval_per_task=args.eval_per_task, kl_per_task=args.kl_per_task)
-    sft_dir = os.path.abspath(args.sft)
-    with open(os.path.join(workdir, "settings.json"), "w") as f:
-        json.dump({"sft": sft_dir, "settings": dataclasses.asdict(s)}, f, indent=1)
-    versions = common.versions()
-    versions.pop("torch", None)
-    with open(os.path.join(sft_dir, "config.json")) as f:
-        sft_model = json.load(f)["model"]
-    configs = {k: dataclasses.asdict(c) for k, c in stage_configs(s, workdir).items()}
-    results: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                     "machine": machine, "versions": versions, "git": git_revision(), "sft": sft_dir,
-                     "sft_model": sft_model, "workdir": workdir, "settings": dataclasses.asdict(s),
-                     "configs": configs, "methods": {}}
-    for method in (REFERENCE, *methods):
-        print(f"[{time.perf_counter() - t_start:.0f}s] {method} (log: {workdir}/{method}.log)", flush=True)
-        results["methods"][method] = run_worker(method, workdir, args.timeout)
-        x = results["methods"][method]
-        print(f"[{time.perf_counter() - t_start:.0f}s] {method}: "
-              + (x["error"][-300:] if "error" in x else
-                 f"held-out accuracy {x['evaluation']['accuracy']:.3f} ({x['process_seconds']:.0f} s)"), flush=True)
-    results["sft_params"] = sft_param_count(sft_model)
-    results["loadavg_end"] = os.getloadavg()
-    results["runtime_s"] = time.perf_counter() - t_start
+    results = measure(args.sft, workdir, s, methods, timeout=args.timeout,
+                      run=run_here if args.in_process else run_worker,
+                      progress=lambda line: print(line, flush=True))
     results["command"] = command
     with open(json_path(args.out), "w") as f:  # the numbers first: --report-only can redo the report
         json.dump(results, f, indent=1, default=str)
