@@ -233,8 +233,9 @@ def load_stage(workdir: str, stage: str, step: int | None = None, *, decoder_onl
     if isinstance(lora, dict) and isinstance(lora.get("rank"), int) and lora["rank"] > 0:
         raise ConfigError(f"--stage {stage}: trained with LoRA (lora.rank={lora['rank']} in {config_path}), "
                           "so its checkpoints hold only the adapters over a frozen base, not a model; to "
-                          "get the merged model, run experiments/llama_sft_dpo.py with --set export_dir=DIR "
-                          "(it writes the final policy, LoRA merged, as a Hugging Face directory)")
+                          "get the merged model, rerun the experiment that trained it (experiments.llama_sft_dpo or "
+                          "experiments.grpo) with --set export_dir=DIR (it writes the final policy, LoRA merged, "
+                          "as a Hugging Face directory)")
     if decoder_only and not cfg.causal:
         raise ConfigError(f"--stage {stage}: model.causal=False (an encoder) cannot generate text")
     try:
