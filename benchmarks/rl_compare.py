@@ -226,6 +226,18 @@ def reward_trend(metrics_path: str, key: str, n: int = 10) -> dict:
     return {"key": key, "first": float(np.mean(xs[:n])), "last": float(np.mean(xs[-n:])), "steps": len(xs)}
 
 
+def update_stats(metrics_path: str, clip_norm: float) -> dict:
+    """The GRPO-family update's size per step: the mean |advantage| and the gradient norm
+    before clipping, and in how many steps that norm exceeded clip_norm (a clipped step's
+    update does not depend on the advantages' scale)."""
+    with open(metrics_path) as f:
+        steps = [m for m in (json.loads(line) for line in f if line.strip()) if "loss" in m]
+    norms = [float(m["grad_norm"]) for m in steps]
+    return {"advantage_abs_mean": float(np.mean([float(m["advantage_abs"]) for m in steps])),
+            "grad_norm_min": float(np.min(norms)), "grad_norm_median": float(np.median(norms)),
+            "clip_norm": clip_norm, "clipped_steps": sum(n > clip_norm for n in norms), "steps": len(steps)}
+
+
 # ---------------------------------------------------------------------------
 # The GRPO family
 
@@ -242,7 +254,7 @@ def run_grpo(method: str, workdir: str, model_cfg, sft, tok, records: list[dict]
     return {"evaluation": result["evaluation"], "sampled": sampled_counts(metrics, s.rows, s.max_new_tokens),
             "optimizer_steps": s.steps * cfg.optimizer_steps_per_step, "train_seconds": result["train_seconds"],
             "training_seconds": result["train_seconds"], "train_reward": reward_trend(metrics, "reward_mean"),
-            "config": dataclasses.asdict(cfg)}
+            "updates": update_stats(metrics, cfg.optim.clip_norm), "config": dataclasses.asdict(cfg)}
 
 
 # ---------------------------------------------------------------------------
@@ -568,28 +580,34 @@ def _load(x) -> str:
     return "(" + ", ".join(f"{v:.2f}" for v in x) + ")"
 
 
+HEAD = ["method", "held-out accuracy, 7 tasks", *ALL_TASKS, "KL to SFT (nats)", "win rate vs SFT",
+        "sampled accuracy", "completions sampled", "tokens sampled", "optimizer steps", "training s", "total s"]
+TIMES = 2  # the last cells of a row: wall times
+
+
+def row_cells(r: dict, name: str) -> list[str]:
+    """One method's table row (the SFT model's: its own figures, 0 and 0.5 against itself)."""
+    x = r["methods"][name]
+    e = x["evaluation"]
+    cells = [name, _f(e["accuracy"]), *(_f(e["by_task"].get(t), "{:.2f}") for t in ALL_TASKS)]
+    if name == REFERENCE:
+        # Every method's win_rate sampled the SFT model with the same keys: its score is one number.
+        sft_sampled = next((y["evaluation"]["sampled_accuracy_sft"] for y in r["methods"].values()
+                            if "sampled_accuracy_sft" in y.get("evaluation", {})), None)
+        cells += ["0 (itself)", "0.5 (itself)", _f(sft_sampled), "-", "-", "-", "-"]
+    else:
+        sm = x["sampled"]
+        cells += [_f(e["kl_to_sft"], "{:.2f}"), _f(e["win_rate"]), _f(e["sampled_accuracy"]),
+                  f"{sm['completions']:,}", f"{sm['tokens']:,}", str(x["optimizer_steps"]),
+                  f"{x['training_seconds']:.0f}"]
+    return cells + [f"{x['process_seconds']:.0f}"]
+
+
 def table(r: dict) -> list[str]:
-    """The results table: one row for the SFT model, one per method that ran."""
-    head = ["method", "held-out accuracy, 7 tasks", *ALL_TASKS, "KL to SFT (nats)", "win rate vs SFT",
-            "sampled accuracy", "completions sampled", "tokens sampled", "optimizer steps", "training s", "total s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    """The results table: one row for the SFT model, one per method (a failed one says so)."""
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     for name, x in r["methods"].items():
-        if "error" in x:
-            lines.append(f"| {name} | failed: see below |" + " |" * (len(head) - 2))
-            continue
-        e = x["evaluation"]
-        cells = [name, _f(e["accuracy"]), *(_f(e["by_task"].get(t), "{:.2f}") for t in ALL_TASKS)]
-        if name == REFERENCE:
-            # Every method's win_rate sampled the SFT model with the same keys: its score is one number.
-            sft_sampled = next((y["evaluation"]["sampled_accuracy_sft"] for y in r["methods"].values()
-                                if "sampled_accuracy_sft" in y.get("evaluation", {})), None)
-            cells += ["0 (itself)", "0.5 (itself)", _f(sft_sampled), "-", "-", "-", "-"]
-        else:
-            sm = x["sampled"]
-            cells += [_f(e["kl_to_sft"], "{:.2f}"), _f(e["win_rate"]), _f(e["sampled_accuracy"]),
-                      f"{sm['completions']:,}", f"{sm['tokens']:,}", str(x["optimizer_steps"]),
-                      f"{x['training_seconds']:.0f}"]
-        cells.append(f"{x['process_seconds']:.0f}")
+        cells = [name, "failed: see below", *[""] * (len(HEAD) - 2)] if "error" in x else row_cells(r, name)
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -641,6 +659,19 @@ def reading(r: dict) -> list[str]:
     else:
         out.append("- The methods did NOT sample the same number of completions: "
                    + ", ".join(f"{k} {v['completions']:,}" for k, v in sampled.items()) + ".")
+    G = r["settings"]["group_size"]
+    shown = {k: row_cells(r, k)[1:-TIMES] for k in trained}  # the row as printed, times aside
+    same = [(a, b) for i, a in enumerate(trained) for b in list(trained)[i + 1:] if shown[a] == shown[b]]
+    for a, b in same:
+        line = f"- {a} and {b} gave the same row."
+        ua, ub = trained[a].get("updates"), trained[b].get("updates")
+        if ua and ub:
+            line += (f" Their mean |advantage| was {ua['advantage_abs_mean']:.4f} and {ub['advantage_abs_mean']:.4f} "
+                     f"(ratio {ua['advantage_abs_mean'] / ub['advantage_abs_mean']:.3f}; G/(G-1) = "
+                     f"{G / (G - 1):.3f}), and the gradient norm exceeded clip_norm "
+                     f"{ua['clip_norm']:g} in {ua['clipped_steps']} and {ub['clipped_steps']} of {ua['steps']} steps "
+                     f"(smallest {ua['grad_norm_min']:.2f} and {ub['grad_norm_min']:.2f}).")
+        out.append(line)
     t = {k: v["training_seconds"] for k, v in trained.items()}
     out.append("- Training wall time, fast to slow: " + ", ".join(f"{k} {t[k]:.0f} s" for k in sorted(t, key=t.get))
                + " (a shared machine: see the load averages).")
@@ -726,6 +757,11 @@ def report(r: dict) -> str:
         if tr:
             what = "implicit-reward accuracy on the pairs" if name == "dpo" else "mean training reward"
             bits.append(f"{what} {tr['first']:.3f} (first 10 steps) -> {tr['last']:.3f} (last 10)")
+        u = x.get("updates")
+        if u:
+            bits.append(f"mean |advantage| {u['advantage_abs_mean']:.4f}, gradient norm median "
+                        f"{u['grad_norm_median']:.2f} (above clip_norm {u['clip_norm']:g} in {u['clipped_steps']} of "
+                        f"{u['steps']} steps)")
         if name == "dpo":
             bits.append(f"sampling {x['sampled']['sample_seconds']:.0f} s, reference pass "
                         f"{x['reference_seconds']:.0f} s, DPO loop {x['train_seconds']:.0f} s")

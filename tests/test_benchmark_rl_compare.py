@@ -79,6 +79,9 @@ def test_each_method_trained_from_the_sft_model_with_its_own_algorithm_and_was_j
         with open(os.path.join(work, name, "metrics.jsonl")) as f:
             assert sum("loss" in json.loads(line) for line in f) == S.steps, name
         assert isinstance(e["kl_to_sft"], float) and 0.0 <= e["win_rate"] <= 1.0, name
+        # Judged on the trained policy: the SFT model against itself has a KL of exactly 0 (the
+        # same samples and log-probs); the policy after two updates has not.
+        assert e["kl_to_sft"] != 0.0, name
         # Trained: the final policy is not the SFT model it started from.
         final = generate.load_stage(work, name)[1]
         moved = max(float(np.max(np.abs(np.asarray(a) - b)))
@@ -200,5 +203,6 @@ def test_a_method_in_its_own_process_gives_what_it_gives_here(results, sft_dir, 
     got = bench.run_worker(bench.REFERENCE, str(tmp_path), timeout=600)
     assert "error" not in got, got.get("error")
     want = results["methods"][bench.REFERENCE]["evaluation"]
-    assert (got["evaluation"]["accuracy"], got["evaluation"]["by_task"]) == (want["accuracy"], want["by_task"])
+    keys = ("accuracy", "by_task", "evaluated", "samples")  # the items it judged and what the model said
+    assert {k: got["evaluation"][k] for k in keys} == {k: want[k] for k in keys}
     assert got["process_seconds"] > 0 and os.path.exists(got["log"])
