@@ -79,6 +79,10 @@ SLOW_TESTS = (
     "test_runner.py::test_a_stage_runs_records_and_is_skipped_when_finished",
     "test_runner.py::test_an_early_stop_resumes_to_the_uninterrupted_result",
     "test_runner.py::test_lora_trains_adapters_over_the_frozen_initial_weights",
+    # LoRA for a stage that builds its own step: a toy step run through the runner (10 s),
+    # a GRPO step with adapters checked against numpy (15-30 s).
+    "test_runner.py::test_a_built_step_with_lora_trains_the_runners_adapters_over_the_frozen_base",
+    "test_stage_grpo.py::test_lora_samples_from_base_plus_adapters_and_the_base_is_the_reference",
     # End to end through an experiment or the CLI (8 s or more).
     "test_lora.py::test_llama_sft_dpo_with_lora_smoke",
     "test_lora.py::test_attached_adapters_compute_the_merged_model_and_its_gradient",
