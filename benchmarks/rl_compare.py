@@ -1,8 +1,8 @@
 """PPO vs GRPO vs Dr. GRPO vs RLOO vs REINFORCE vs DPO from one SFT model, on one sampling budget.
 
-    cd /work/main && PYTHONPATH=. python -m benchmarks.rl_compare --sft runs/demo/sft   # ~25 min, 2 shared cores
+    cd /work/main && PYTHONPATH=. python -m benchmarks.rl_compare --sft runs/demo/sft   # 8-11 min, 2 shared cores
     PYTHONPATH=. python -m benchmarks.rl_compare --sft runs/demo/sft --steps 2 --eval-per-task 2 \\
-        --kl-per-task 1 --out /tmp/rl.md                             # does it run? numbers mean nothing
+        --kl-per-task 1 --in-process --out /tmp/rl.md                # does it run? numbers mean nothing
     PYTHONPATH=. python -m benchmarks.rl_compare --report-only benchmarks/RL_COMPARE.json --out /tmp/rl.md
 
 Writes benchmarks/RL_COMPARE.md and .json beside it (or `--out PATH.md` and
@@ -551,9 +551,13 @@ def measure(sft_dir: str, workdir: str, s: Settings, methods=METHODS, *, timeout
     versions.pop("torch", None)
     with open(os.path.join(sft_dir, "config.json")) as f:
         sft_model = json.load(f)["model"]
+    sft_run = {}  # what made the SFT stage (its run's run.json), when it says
+    if os.path.exists(os.path.join(os.path.dirname(sft_dir), "run.json")):
+        with open(os.path.join(os.path.dirname(sft_dir), "run.json")) as f:
+            sft_run = {k: v for k, v in json.load(f).items() if k in ("experiment", "git_revision", "started")}
     results: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "machine": machine, "versions": versions, "git": git_revision(), "sft": sft_dir,
-                     "sft_model": sft_model, "sft_params": sft_param_count(sft_model), "workdir": workdir,
+                     "sft_run": sft_run, "sft_model": sft_model, "sft_params": sft_param_count(sft_model), "workdir": workdir,
                      "settings": dataclasses.asdict(s),
                      "configs": {k: dataclasses.asdict(c) for k, c in stage_configs(s, workdir).items()},
                      "methods": {}}
@@ -643,10 +647,22 @@ def reading(r: dict) -> list[str]:
     if b is not None:
         out.append(f"- On the trained tasks ({', '.join(tasks)}; mean of the three accuracies): SFT {b:.3f}; "
                    + ", ".join(f"{k} {_f(mean_of(trained[k]['evaluation']))}" for k in order) + ".")
+    moved = [f"{k} {t} {trained[k]['evaluation']['by_task'][t] - base['by_task'][t]:+.2f}" for k in order
+             for t in ALL_TASKS if None not in (trained[k]["evaluation"]["by_task"].get(t), base["by_task"].get(t))
+             and abs(trained[k]["evaluation"]["by_task"][t] - base["by_task"][t]) >= 0.1 - 1e-9]
+    out.append("- Tasks that moved by 0.10 or more from SFT (64 items each, so 0.10 is 6-7 items): "
+               + (", ".join(moved) or "none") + ".")
     kl = {k: v["evaluation"]["kl_to_sft"] for k, v in trained.items() if v["evaluation"].get("kl_to_sft") is not None}
     if kl:
         out.append("- KL to SFT (nats per sampled response to the held-out instructions), low to high: "
                    + ", ".join(f"{k} {kl[k]:.2f}" for k in sorted(kl, key=kl.get)) + ".")
+    wins = {k: v["evaluation"]["win_rate"] for k, v in trained.items() if v["evaluation"].get("win_rate") is not None}
+    if wins:
+        kp = next(iter(trained.values()))["evaluation"].get("kl_prompts")
+        out.append(f"- Win rate against SFT ({kp} held-out prompts, one sample each, ties half): "
+                   + ", ".join(f"{k} {wins[k]:.3f}" for k in sorted(wins, key=wins.get, reverse=True))
+                   + f"; sampled accuracy on them: SFT {next(iter(trained.values()))['evaluation']['sampled_accuracy_sft']:.3f}, "
+                   + ", ".join(f"{k} {trained[k]['evaluation']['sampled_accuracy']:.3f}" for k in order) + ".")
     sampled = {k: v["sampled"] for k, v in trained.items()}
     comps = {v["completions"] for v in sampled.values()}
     slots = {v["token_slots"] for v in sampled.values()}
@@ -693,7 +709,10 @@ def report(r: dict) -> str:
       "so the wall times are indicative only.\n")
     g = r["configs"]["grpo"]
     w("## Setup\n")
-    w(f"- Start: the SFT stage `{r['sft']}` ({r['sft_params']:,} parameters), for every method.")
+    run = r.get("sft_run") or {}
+    made = (f", made by `experiments.{run['experiment']}` (started {run.get('started', '?')}, git "
+            f"{run.get('git_revision', '?')})" if run.get("experiment") else "")
+    w(f"- Start: the SFT stage `{r['sft']}` ({r['sft_params']:,} parameters){made}, for every method.")
     w(f"- Prompts: training-split instructions of the built-in tasks {', '.join(s['tasks'])} "
       f"(`verifiers.builtin_records({s['records']}, {s['seed']}, \"train\", tasks)`), one prompt stream "
       f"(`grpo.GroupPromptLoader`, seed {s['seed']}): step i of every method has the same {s['prompts']} prompts.")
