@@ -26,7 +26,7 @@ SLOW_MODULES = {
     "test_aot", "test_splash",  # TPU compiles with libtpu, Pallas in interpret mode
     "test_benchmark_device", "test_benchmark_core",  # benchmarks' --tiny runs, a subprocess per round
     "test_benchmark_grpo",  # benchmarks.grpo --tiny: two models' compiles and GRPO steps (18 s)
-    "test_benchmark_rl_compare",  # benchmarks.rl_compare: six methods trained and judged, tiny (60 s)
+    "test_benchmark_rl_compare",  # benchmarks.rl_compare: six methods trained and judged, tiny (35-60 s)
     "test_tpu_scripts",  # the tpu/ shell scripts against a fake gcloud
     "test_plan",  # real sharded states and XLA's memory analysis on 8 devices
     "test_loop", "test_checkpoint", "test_rundir",  # stage runs with checkpoints, resume, signals
