@@ -541,3 +541,14 @@ def test_import_and_export_need_neither_torch_nor_transformers(tmp_path):
     assert out.stdout.strip().endswith("llama")
     assert rel_err(reload_logits(str(tmp_path / "out"), transformers.AutoModelForCausalLM, TOKENS),
                    torch_logits(llama_model(), TOKENS)) < RTOL
+
+
+def test_init_from_names_a_missing_hf_directory(tmp_path):
+    assert hf.init_dir("runs/demo/sft") is None and hf.init_dir("") is None
+    assert hf.init_dir(f"hf:{tmp_path}") == str(tmp_path)
+    # It was reported as "no tokenizer.json" inside the missing directory.
+    with pytest.raises(ConfigError, match=r"init_from=hf:.*nope'? is not a directory"):
+        hf.init_dir(f"hf:{tmp_path / 'nope'}")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        hf.init_dir(f"hf:{tmp_path / 'file'}")

@@ -33,8 +33,15 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "scan_layers", "attention_imp
 
 
 def init_dir(init_from: str) -> str | None:
-    """DIR of init_from="hf:DIR", else None (a stage directory, or nothing)."""
-    return init_from[len(PREFIX):] if init_from.startswith(PREFIX) else None
+    """DIR of init_from="hf:DIR", else None (a stage directory, or nothing). A DIR
+    that is not a directory is a ConfigError naming it (not a missing file inside it)."""
+    if not init_from.startswith(PREFIX):
+        return None
+    directory = init_from[len(PREFIX):]
+    if not os.path.isdir(directory):
+        raise ConfigError(f"init_from={init_from}: {directory!r} is not a directory; give a local Hugging Face "
+                          "model directory (config.json, *.safetensors, tokenizer.json)")
+    return directory
 
 
 def init_config(directory: str, model: ModelConfig, default: ModelConfig, vocab_size: int) -> ModelConfig:
