@@ -153,6 +153,25 @@ def run_2x2(command, log_dir):
     return open(log_dir / "process_0.log").read()
 
 
+def kill_2x2_at(command, environ, ckpt, timeout=600):
+    """Starts the 2-process `command` in its own session, waits for the checkpoint
+    directory `ckpt`, then SIGKILLs the whole group (launcher and both workers), as a
+    lost machine would."""
+    proc = subprocess.Popen(command, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + timeout
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert ckpt.exists(), f"no checkpoint {ckpt} appeared"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # all of them had already exited
+            pass
+        proc.wait()
+
+
 def stage_rows(workdir, stage):
     """{step: metrics row} of a stage; a step logged again after a resume: the last row."""
     rows = [json.loads(x) for x in open(os.path.join(workdir, stage, "metrics.jsonl"))]
@@ -243,22 +262,8 @@ def test_pipeline_dpo_two_processes_sigkill_then_rerun(tmp_path, pipeline_two_pr
     workdir = tmp_path / "run"
     workdir.mkdir()
     copy_stages(pipeline_two_processes, workdir, ("pretrain", "sft", "rm", "ppo"))
-    # Its own session: one killpg reaches the launcher and both workers, as a lost machine would.
     killed = pipeline_cmd(workdir, ["dpo.train.async_checkpoints=false"])
-    proc = subprocess.Popen(launch_2x2(tmp_path / "logs1") + killed, env=env(1), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = workdir / "dpo" / "checkpoints" / "2"
-    try:
-        deadline = time.time() + 600
-        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert ckpt.exists(), "no DPO checkpoint appeared"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # all of them had already exited
-            pass
-        proc.wait()
+    kill_2x2_at(launch_2x2(tmp_path / "logs1") + killed, env(1), workdir / "dpo" / "checkpoints" / "2")
     assert not (workdir / "dpo" / "eval.json").exists()  # it really died mid-stage
     cache = workdir / "dpo" / "reference"
     built = {name: os.path.getmtime(cache / name) for name in os.listdir(cache) if name.endswith(".npz")}
@@ -393,23 +398,9 @@ def test_grpo_two_processes_sigkill_then_rerun(tmp_path, grpo_two_processes):
     checkpoint; the rerun resumes the prompt loader (refills included) mid-stage
     and ends bitwise where the uninterrupted 2-process run ends."""
     workdir = tmp_path / "run"
-    # Its own session: one killpg reaches the launcher and both workers, as a lost machine would.
     # 16-64 verifier calls per step, 0.05 s each: 1-3 s a step after the first checkpoint.
-    proc = subprocess.Popen(launch_2x2(tmp_path / "logs1") + grpo_cmd(workdir, ["grpo.train.async_checkpoints=false"]),
-                            env=dict(env(1), **{SLEEP_ENV: "0.05"}), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    ckpt = workdir / "grpo" / "checkpoints" / "2"
-    try:
-        deadline = time.time() + 600
-        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        assert ckpt.exists(), "no GRPO checkpoint appeared"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:  # all of them had already exited
-            pass
-        proc.wait()
+    kill_2x2_at(launch_2x2(tmp_path / "logs1") + grpo_cmd(workdir, ["grpo.train.async_checkpoints=false"]),
+                dict(env(1), **{SLEEP_ENV: "0.05"}), workdir / "grpo" / "checkpoints" / "2")
     assert not (workdir / "grpo" / "eval.json").exists()  # it really died mid-stage
 
     log0 = run_2x2(grpo_cmd(workdir), tmp_path / "logs2")
