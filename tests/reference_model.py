@@ -25,6 +25,20 @@ def to_numpy(tree):
     return np.asarray(np.asarray(tree, np.float32), np.float64)
 
 
+def lora_merged(params, adapters, scale):
+    """LoRA merged by hand in float64: W[l] viewed as (in, out) plus scale * A[l] @ B[l]
+    (`llm_jax.lora`'s adapter tree: layers -> group -> target -> {"a", "b"})."""
+    out = to_numpy(params)
+    for group, targets in adapters["layers"].items():
+        for t, ab in targets.items():
+            w = out["layers"][group][t]
+            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
+            n_in, n_out = a.shape[1], b.shape[2]  # shapes are checked against MATRIX elsewhere
+            upd = np.stack([w[l].reshape(n_in, n_out) + scale * a[l] @ b[l] for l in range(w.shape[0])])
+            out["layers"][group][t] = upd.reshape(w.shape)
+    return out
+
+
 def positions_from_segments_loop(segment_ids):
     """Positions restarting at 0 wherever the segment id changes along a row."""
     segment_ids = np.asarray(segment_ids)

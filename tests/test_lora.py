@@ -23,7 +23,7 @@ from llm_jax.config import ConfigError, MeshConfig, OptimizerConfig, apply_overr
 from llm_jax.data import builtin, preferences
 from llm_jax.data.loader import DataConfig, Loader
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.stages import dpo, reward, runner, sft
+from llm_jax.stages import dpo, reward, sft
 from jsonl_files import write_jsonl
 
 TOK = ByteTokenizer()
@@ -48,19 +48,6 @@ def random_adapters(lcfg, cfg, seed):
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.normal(0, 0.05, x.shape), jnp.float32) if p[-1].key == "b" else x, tree)
-
-
-def np_merged(params, adapters, scale):
-    """Hand merge in float64: W[l] viewed as (in, out) plus scale * A[l] @ B[l]."""
-    out = ref.to_numpy(params)
-    for group, targets in adapters["layers"].items():
-        for t, ab in targets.items():
-            w = out["layers"][group][t]
-            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
-            n_in, n_out = a.shape[1], b.shape[2]  # shapes are checked against MATRIX elsewhere
-            upd = np.stack([w[l].reshape(n_in, n_out) + scale * a[l] @ b[l] for l in range(w.shape[0])])
-            out["layers"][group][t] = upd.reshape(w.shape)
-    return out
 
 
 def sft_batches(n, rows=4):
@@ -164,7 +151,7 @@ def test_merge_is_w_plus_scaled_low_rank_product_on_every_target():
     lcfg = lora.LoRAConfig(rank=4, alpha=8.0, targets=ALL)  # scale 2
     adapters = random_adapters(lcfg, CFG, 1)
     merged = jax.jit(lora.merge, static_argnums=2)(params, adapters, lcfg)
-    expected = np_merged(params, adapters, 2.0)
+    expected = ref.lora_merged(params, adapters, 2.0)
     for t in ALL:
         got = np.asarray(merged["layers"][GROUP[t]][t], np.float64)
         want = expected["layers"][GROUP[t]][t]
@@ -202,7 +189,7 @@ def test_merged_model_matches_numpy_reference_on_hand_merged_weights():
     adapters = random_adapters(lcfg, CFG, 5)
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (2, 12), 0, CFG.vocab_size))
     got = np.asarray(APPLY(lora.merge(params, adapters, lcfg), tokens), np.float64)
-    want = ref.reference_logits(CFG, np_merged(params, adapters, 4.0), tokens)
+    want = ref.reference_logits(CFG, ref.lora_merged(params, adapters, 4.0), tokens)
     scale = max(1.0, float(np.abs(want).max()))
     np.testing.assert_allclose(got, want, rtol=REF_RTOL, atol=REF_ATOL * scale)
     base = ref.reference_logits(CFG, ref.to_numpy(params), tokens)
@@ -218,7 +205,7 @@ def test_attached_adapters_compute_the_merged_model_and_its_gradient():
     adapters = random_adapters(lcfg, CFG, 7)
     tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (2, 12), 0, CFG.vocab_size))
     got = np.asarray(APPLY(lora.attach(params, adapters, lcfg), tokens), np.float64)
-    want = ref.reference_logits(CFG, np_merged(params, adapters, 4.0), tokens)
+    want = ref.reference_logits(CFG, ref.lora_merged(params, adapters, 4.0), tokens)
     scale = max(1.0, float(np.abs(want).max()))
     np.testing.assert_allclose(got, want, rtol=REF_RTOL, atol=REF_ATOL * scale)
 
@@ -378,7 +365,7 @@ def test_llama_sft_dpo_with_lora_smoke(tmp_path, capsys):
     assert np.abs(np.asarray(sft_adapters["layers"]["mlp"]["down"]["b"])).max() > 0
     cfg = apply_overrides(llama_sft_dpo.Config(), sets)
     handed = llama_sft_dpo.sft_final(workdir, cfg, like, mesh)
-    want = np_merged(model.init(mcfg, jax.random.PRNGKey(0)), sft_adapters, 2.0)
+    want = ref.lora_merged(model.init(mcfg, jax.random.PRNGKey(0)), sft_adapters, 2.0)
     for path, x in jax.tree_util.tree_leaves_with_path(handed):
         y = want
         for k in path:

@@ -24,6 +24,7 @@ from llm_jax.data.tokenizer import ByteTokenizer
 from llm_jax.errors import ConfigError
 from llm_jax.lora import LoRAConfig
 from llm_jax.stages import pretrain, runner, sft
+from tests.reference_model import lora_merged
 
 TOK = ByteTokenizer()
 CFG = preset("tiny", vocab_size=TOK.vocab_size)
@@ -180,18 +181,6 @@ class Counter:
         self.position = state["position"]
 
 
-def np_merge(params, adapters, scale):
-    """W + scale * A @ B per layer in float64 numpy, W read as (in, out) = (D, out dims)."""
-    out = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
-    for group, targets in adapters["layers"].items():
-        for t, ab in targets.items():
-            w = out["layers"][group][t]
-            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
-            out["layers"][group][t] = np.stack([w[i] + scale * (a[i] @ b[i]).reshape(w.shape[1:])
-                                                for i in range(w.shape[0])])
-    return out
-
-
 def test_a_built_step_with_lora_trains_the_runners_adapters_over_the_frozen_base(tmp_path, mesh):
     """The `build_lora` contract (GRPO's): the runner hands the stage the initial params
     themselves (frozen, no copy) and fresh adapters (`lora.init_adapters`, train.seed);
@@ -235,7 +224,7 @@ def test_a_built_step_with_lora_trains_the_runners_adapters_over_the_frozen_base
     with pytest.raises(checkpoint.CheckpointError, match="missing from the checkpoint"):
         checkpoint.load_params(ckpt, runner.model_like(CFG, mesh))
     # `after` got the merged model, computed here independently; the base is untouched.
-    want = np_merge(base_host, adapters, lcfg.scale)
+    want = lora_merged(base_host, adapters, lcfg.scale)
     for path, got in jax.tree_util.tree_leaves_with_path(seen["final"]):
         ref = want
         for k in path:

@@ -19,6 +19,7 @@ from llm_jax.errors import DataError
 from llm_jax.lora import LoRAConfig
 from llm_jax.stages import grpo, runner
 from tests import grpo_verifiers as V
+from tests.reference_model import lora_merged
 
 TOK = ByteTokenizer()
 CFG = preset("tiny", d_model=32, d_ff=64, num_layers=2, vocab_size=TOK.vocab_size)
@@ -53,18 +54,6 @@ def np_logprobs(params, batch, temperature):
     x = x - x.max(-1, keepdims=True)
     logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
     return np.take_along_axis(logp, batch["response"][..., None], axis=-1)[..., 0]
-
-
-def np_merged(params, adapters, scale):
-    """W + scale * A @ B per layer, in float64 numpy (W read as (in, out) = (D, out dims))."""
-    out = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(params))
-    for group, targets in jax.device_get(adapters)["layers"].items():
-        for t, ab in targets.items():
-            w = out["layers"][group][t]
-            a, b = np.asarray(ab["a"], np.float64), np.asarray(ab["b"], np.float64)
-            out["layers"][group][t] = np.stack([w[i] + scale * (a[i] @ b[i]).reshape(w.shape[1:])
-                                                for i in range(w.shape[0])])
-    return out
 
 
 def same(a, b) -> bool:
@@ -194,7 +183,7 @@ def test_lora_samples_from_base_plus_adapters_and_the_base_is_the_reference(mesh
     chosen, _ = step.collect(state, prompts)  # the rows the step samples first (same state, same keys)
 
     # Sampled from base + adapters: the merged model with the same key draws the same rows, the base others.
-    merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), np_merged(base_host, adapters_host, LORA.scale))
+    merged = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), lora_merged(base_host, adapters_host, LORA.scale))
     def draw(params):
         return np.asarray(step.sample(params, prompts["tokens"], prompts["mask"], state.rng, state.step,
                                       jnp.int32(0))["response"])
@@ -350,7 +339,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one_bitwise_with_lora(m
         checkpoint.load_params(str(tmp_path / "whole/grpo/checkpoints"), runner.model_like(CFG, mesh))
     assert all(np.abs(ab["b"]).max() > 0 for g in a["layers"].values() for ab in g.values())  # B left 0
     assert same(jax.device_get(base), base_host)
-    want = np_merged(base_host, a, LORA.scale)
+    want = lora_merged(base_host, a, LORA.scale)
     moved = set()
     for path, got in jax.tree_util.tree_leaves_with_path(final["whole"]):
         ref = want
