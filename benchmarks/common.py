@@ -9,10 +9,12 @@ PyTorch and llm_jax each alone in its own process).
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import re
 import resource
+import sys
 import time
 from typing import Any, Callable
 
@@ -128,3 +130,37 @@ def versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             v[pkg] = "not installed"
     return v
+
+
+# ---------------------------------------------------------------------------
+# The report files: a Markdown table and, beside it, the raw figures as JSON
+
+
+def json_beside(md_path: str) -> str:
+    """benchmarks/GRPO_RESULTS.md -> benchmarks/GRPO_RESULTS.json."""
+    return os.path.splitext(md_path)[0] + ".json"
+
+
+def rerun_command(module: str, argv: list[str] | None) -> str:
+    """The command line that measures again, as the report prints it at the top."""
+    args = " ".join(argv if argv is not None else sys.argv[1:])
+    return (f"cd {os.getcwd()} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
+            f"-m {module} {args}").strip()
+
+
+def save_report(md_path: str, results: dict, render: Callable[[dict], str]) -> None:
+    """Writes the JSON first (`--report-only` can redo the report from it), then the report."""
+    with open(json_beside(md_path), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(md_path, "w") as f:
+        f.write(render(results))
+    print(f"wrote {md_path} and {json_beside(md_path)} ({results['runtime_s']:.0f} s)", flush=True)
+
+
+def rerender(json_file: str, md_path: str, render: Callable[[dict], str]) -> None:
+    """`--report-only`: the report again from saved figures, measuring nothing."""
+    with open(json_file) as f:
+        results = json.load(f)
+    with open(md_path, "w") as f:
+        f.write(render(results))
+    print(f"wrote {md_path} from {json_file}", flush=True)

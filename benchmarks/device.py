@@ -75,6 +75,7 @@ from typing import Callable
 
 import numpy as np
 
+from benchmarks.common import json_beside
 from benchmarks.core import model_flops_per_step, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -711,12 +712,12 @@ def write_report(path: str, r: dict):
           f"{x['priority']} | {x['estimate_s']:.1f} | {x['actual_s']:.1f} | {x.get('status')} |"
           for x in r["train"] + r["sampler"]],
         "",
-        f"Raw figures: `{os.path.basename(json_path(path))}`.",
+        f"Raw figures: `{os.path.basename(json_beside(path))}`.",
         "",
     ]
     with open(path, "w") as f:
         f.write("\n".join(lines))
-    with open(json_path(path), "w") as f:
+    with open(json_beside(path), "w") as f:
         json.dump(r, f, indent=1, default=str)
 
 
@@ -724,10 +725,6 @@ def timing_text(tiny: bool) -> str:
     if tiny:
         return f"{TINY_ROUNDS} rounds of {TINY_STEPS_PER_ROUND} steps"
     return f"{ROUNDS} rounds of ~{ROUND_S} s"
-
-
-def json_path(md_path: str) -> str:
-    return os.path.splitext(md_path)[0] + ".json"
 
 
 # ---------------------------------------------------------------------------
@@ -806,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     run_all(args, results, lambda: write_report(args.out, results), start)
     write_report(args.out, results)
-    print(f"wrote {args.out} and {json_path(args.out)} ({results['total_s']:.0f} s)", flush=True)
+    print(f"wrote {args.out} and {json_beside(args.out)} ({results['total_s']:.0f} s)", flush=True)
     return 0
 
 

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -209,10 +207,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def json_path(md_path: str) -> str:
-    return os.path.splitext(md_path)[0] + ".json"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny model and config: checks that it runs")
@@ -225,18 +219,13 @@ def main(argv=None) -> int:
     ap.add_argument("--report-only", metavar="JSON", help="measure nothing: re-render --out from a saved JSON")
     args = ap.parse_args(argv)
     if args.report_only:
-        with open(args.report_only) as f:
-            results = json.load(f)
-        with open(args.out, "w") as f:
-            f.write(report(results))
-        print(f"wrote {args.out} from {args.report_only}", flush=True)
+        common.rerender(args.report_only, args.out, report)
         return 0
     names = args.models.split(",")
     bad = sorted(set(names) - set(MODELS))
     if bad:
         ap.error(f"--models: unknown {bad}; choose from {list(MODELS)}")
-    command = (f"cd {os.getcwd()} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
-               f"-m benchmarks.grpo {' '.join(argv if argv is not None else sys.argv[1:])}").strip()
+    command = common.rerun_command("benchmarks.grpo", argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this CPU, before jax loads (libtpu would probe for a TPU)
     machine = common.machine_info()  # the load average before any work
     t_start = time.perf_counter()
@@ -261,11 +250,7 @@ def main(argv=None) -> int:
     results["loadavg_end"] = os.getloadavg()
     results["runtime_s"] = time.perf_counter() - t_start
     results["command"] = command
-    with open(json_path(args.out), "w") as f:  # the numbers first: --report-only can redo the report
-        json.dump(results, f, indent=1, default=str)
-    with open(args.out, "w") as f:
-        f.write(report(results))
-    print(f"wrote {args.out} and {json_path(args.out)} ({results['runtime_s']:.0f} s)", flush=True)
+    common.save_report(args.out, results, report)
     return 0
 
 

@@ -794,10 +794,6 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def json_path(md_path: str) -> str:
-    return os.path.splitext(md_path)[0] + ".json"
-
-
 def git_revision() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -826,11 +822,7 @@ def main(argv=None) -> int:
         worker_main(args.worker, args.workdir)
         return 0
     if args.report_only:
-        with open(args.report_only) as f:
-            results = json.load(f)
-        with open(args.out, "w") as f:
-            f.write(report(results))
-        print(f"wrote {args.out} from {args.report_only}", flush=True)
+        common.rerender(args.report_only, args.out, report)
         return 0
     if not args.sft:
         ap.error("--sft is required (the SFT stage directory of a finished main job)")
@@ -841,18 +833,13 @@ def main(argv=None) -> int:
     workdir = args.workdir or tempfile.mkdtemp(prefix="rl_compare-")
     if os.path.isdir(workdir) and os.listdir(workdir):
         ap.error(f"--workdir {workdir} is not empty: the runner would reuse finished stages; give a new one")
-    command = (f"cd {os.getcwd()} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
-               f"-m benchmarks.rl_compare {' '.join(argv if argv is not None else sys.argv[1:])}").strip()
+    command = common.rerun_command("benchmarks.rl_compare", argv)
     s = Settings(steps=args.steps, eval_per_task=args.eval_per_task, kl_per_task=args.kl_per_task)
     results = measure(args.sft, workdir, s, methods, timeout=args.timeout,
                       run=run_here if args.in_process else run_worker,
                       progress=lambda line: print(line, flush=True))
     results["command"] = command
-    with open(json_path(args.out), "w") as f:  # the numbers first: --report-only can redo the report
-        json.dump(results, f, indent=1, default=str)
-    with open(args.out, "w") as f:
-        f.write(report(results))
-    print(f"wrote {args.out} and {json_path(args.out)} ({results['runtime_s']:.0f} s)", flush=True)
+    common.save_report(args.out, results, report)
     return 1 if any("error" in x for x in results["methods"].values()) else 0
 
 

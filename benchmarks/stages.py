@@ -44,12 +44,11 @@ import datetime
 import functools
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-from benchmarks import core
+from benchmarks import common, core
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_RUN = "runs/demo"  # the README quick start's run directory
@@ -710,8 +709,7 @@ def main(argv=None):
         v = getattr(args, arg)
         return v if v is not None else (quick if q else (large if name == "large" else full))
 
-    command = (f"cd {os.getcwd()} && PYTHONPATH={os.environ.get('PYTHONPATH', '')} {sys.executable} "
-               f"-m benchmarks.stages {' '.join(argv if argv is not None else sys.argv[1:])}").strip()
+    command = common.rerun_command("benchmarks.stages", argv)
     t_start = time.perf_counter()
     results: dict = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                      "machine": core.machine_info(), "versions": core.versions(), "args": vars(args),
