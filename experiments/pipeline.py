@@ -125,9 +125,10 @@ def icl(cfg: Config, tok, params) -> dict:
                                                per_task=cfg.eval.icl_per_task, seed=cfg.pretrain.data.seed + 1)}
 
 
-def instructions(cfg: Config, tok, params, when: str) -> dict:
+def instructions(cfg: Config, tok, params, when: str, per_task: int | None = None) -> dict:
+    """Held-out instruction accuracy, greedy, `per_task` items of each task (default the eval's)."""
     acc = evals.instruction_accuracy(cfg.model, runner.host_params(params), tok,
-                                     per_task=cfg.eval.instruction_per_task, seed=cfg.eval.seed)
+                                     per_task=per_task or cfg.eval.instruction_per_task, seed=cfg.eval.seed)
     out = {f"instruction_accuracy_{when}": acc["accuracy"], f"by_task_{when}": acc["by_task"]}
     return out if when == "before" else {**out, "samples": acc.get("samples", [])[:10]}
 
@@ -150,18 +151,15 @@ def grpo_eval(cfg: Config, tok, policy, when: str, sft_params=None) -> dict:
     """Held-out instruction accuracy (greedy, all tasks, `grpo_instruction_per_task` each);
     after GRPO also the KL to SFT: sampled answers (temperature 1) to the same held-out
     instructions, log pi - log pi_SFT summed per response (`evals.win_rate`)."""
-    acc = evals.instruction_accuracy(cfg.model, runner.host_params(policy), tok,
-                                     per_task=cfg.eval.grpo_instruction_per_task, seed=cfg.eval.seed)
-    out = {f"instruction_accuracy_{when}": acc["accuracy"], f"by_task_{when}": acc["by_task"]}
+    out = instructions(cfg, tok, policy, when, cfg.eval.grpo_instruction_per_task)
     if sft_params is None:
         return out
     prompts = [r["prompt"] for r in evals.instruction_records(cfg.eval.instruction_per_task, cfg.eval.seed)]
     vs = evals.win_rate(cfg.model, runner.host_params(policy), runner.host_params(sft_params), tok, prompts,
                         evals.builtin_judge, temperature=1.0, max_new_tokens=cfg.eval.max_new_tokens,
                         seed=cfg.eval.seed)
-    return {**out, "samples": acc.get("samples", [])[:10], "kl_to_base": vs["kl_to_base"],
-            "win_rate": vs["win_rate"], "sampled_accuracy": vs["policy_score"],
-            "sampled_accuracy_sft": vs["base_score"]}
+    return {**out, "kl_to_base": vs["kl_to_base"], "win_rate": vs["win_rate"],
+            "sampled_accuracy": vs["policy_score"], "sampled_accuracy_sft": vs["base_score"]}
 
 
 def ppo_prompts(count: int, seed: int, split: str) -> list[str]:
