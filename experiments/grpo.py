@@ -151,6 +151,8 @@ def main(argv=None) -> int:
     launch.initialize()
     if cfg.data != "builtin":
         jsonl_path(cfg.data, "data")
+    else:
+        verifiers.check_tasks(cfg.tasks)
     if cfg.heldout:
         jsonl_path(cfg.heldout, "heldout")
     model_cfg, tok = model_and_tokenizer(cfg)

@@ -291,7 +291,7 @@ def main(argv=None) -> int:
     for name, kind in (("pretrain", "pretrain"), ("sft", "sft"), ("rm", "preferences"), ("dpo", "preferences")):
         runner.check(name, getattr(cfg, name), cfg.model, mesh, kind=kind, data_shards=cfg.data_shards)
     grpo.check(cfg.grpo, cfg.model, mesh, "grpo")
-    verifiers.builtin_records(1, 0, "train", cfg.grpo_tasks)  # an unknown task name fails here, not after SFT
+    verifiers.check_tasks(cfg.grpo_tasks, "grpo_tasks")  # a misspelt task fails here, not after SFT
     cfg.ppo.train.validate("ppo.train")
     cfg.ppo.optim.validate("ppo.optim")
     # Every PPO update's minibatch is split over the data axes like a training batch.

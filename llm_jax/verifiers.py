@@ -174,14 +174,20 @@ def read_records(path: str) -> Records:
     return Records(out, skipped)
 
 
+def check_tasks(tasks: Sequence[str] | None, field: str = "tasks") -> None:
+    """ConfigError naming any of `tasks` that is not a built-in instruction task: what a
+    run calls before it writes anything."""
+    unknown = sorted(set(tasks or ()) - set(builtin.TASKS))
+    if unknown:
+        raise ConfigError(f"{field} {unknown}: not built-in instruction tasks; choose from {sorted(builtin.TASKS)}")
+
+
 def builtin_records(count: int, seed: int = 0, split: str = "train",
                     tasks: tuple[str, ...] | None = None) -> list[dict]:
     """`count` built-in instruction tasks as verifiable records {"prompt", "answer",
     "task", "query"} (`builtin.sft_record`; the held-out split is "eval"). An unknown
-    task name is a ConfigError (before anything trains, when a run calls this up front)."""
-    unknown = sorted(set(tasks or ()) - set(builtin.TASKS))
-    if unknown:
-        raise ConfigError(f"tasks {unknown}: not built-in instruction tasks; choose from {sorted(builtin.TASKS)}")
+    task name is a ConfigError (`check_tasks`)."""
+    check_tasks(tasks)
     rng = random.Random(seed)
     return [{"prompt": r["prompt"], "answer": r["response"], "task": r["task"], "query": r["query"]}
             for r in (builtin.sft_record(rng, split, tasks) for _ in range(count))]

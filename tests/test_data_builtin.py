@@ -188,6 +188,9 @@ def test_verifiable_records_name_an_unknown_task():
     # A misspelt task was a KeyError traceback from inside the item generator.
     with pytest.raises(ConfigError, match=r"\['ad'\].*choose from"):
         verifiers.builtin_records(1, tasks=("ad", "copy"))
+    with pytest.raises(ConfigError, match=r"^grpo_tasks \['zz'\]: not built-in"):
+        verifiers.check_tasks(("copy", "zz"), "grpo_tasks")
+    verifiers.check_tasks(None)  # no filter: every task
 
 
 def test_legacy_helpers_keep_their_signatures():
