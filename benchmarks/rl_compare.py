@@ -26,7 +26,7 @@ The stage settings are the main job's (`experiments.pipeline.Config()`), with
 the changes `stage_configs` makes:
   grpo, dr_grpo, rloo, reinforce   the GRPO stage (`stages.grpo.stage`, run by
         `runner.run`) with the main job's GRPO config (group 8, 12 new tokens,
-        lr 2e-4 cosine-decayed to 2e-5, no warmup, clip_norm 1, no weight decay,
+        lr 2e-4 after 10 warmup steps, cosine-decayed to 2e-5, clip_norm 1, no weight decay,
         no KL term) except the algorithm, 16 prompts a step, and dynamic
         sampling OFF for all four: with it a step samples one or two rounds
         depending on how many of the policy's own groups are flat, so the
@@ -721,7 +721,8 @@ def report(r: dict) -> str:
       f"{s['max_new_tokens']} new tokens, temperature {g['temperature']}.")
     w(f"- grpo, dr_grpo, rloo, reinforce: the GRPO stage with the main job's config except the algorithm, "
       f"{s['prompts']} prompts a step and dynamic sampling {'on' if s['dynamic_sampling'] else 'off'} for all "
-      f"four: lr {g['optim']['lr']:g} (cosine to {g['optim']['lr'] * g['optim']['end_lr_ratio']:g}, no warmup), "
+      f"four: lr {g['optim']['lr']:g} ({g['optim']['warmup_steps']} warmup steps, cosine to "
+      f"{g['optim']['lr'] * g['optim']['end_lr_ratio']:g}), "
       f"clip_norm {g['optim']['clip_norm']:g}, weight decay {g['optim']['weight_decay']:g}, "
       f"{g['updates']} update x {g['minibatches']} minibatch a step, clip {g['clip_eps']:g}, KL coefficient "
       f"{g['kl_coef']:g}. Dynamic sampling is off because it samples a second round when too many of the "
