@@ -27,6 +27,7 @@ SLOW_MODULES = {
     "test_benchmark_device", "test_benchmark_core",  # benchmarks' --tiny runs, a subprocess per round
     "test_benchmark_grpo",  # benchmarks.grpo --tiny: two models' compiles and GRPO steps (18 s)
     "test_benchmark_rl_compare",  # benchmarks.rl_compare: six methods trained and judged, tiny (35-60 s)
+    "test_benchmark_sft_demos",  # benchmarks.sft_demos: a tiny SFT stage, two SFT runs, each judged (12 s)
     "test_tpu_scripts",  # the tpu/ shell scripts against a fake gcloud
     "test_plan",  # real sharded states and XLA's memory analysis on 8 devices
     "test_loop", "test_checkpoint", "test_rundir",  # stage runs with checkpoints, resume, signals

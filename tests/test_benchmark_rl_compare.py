@@ -16,6 +16,8 @@ groups (`flat_or_parity`), so a random model gets pairs and non-zero advantages.
 import dataclasses
 import json
 import os
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -23,14 +25,16 @@ import pytest
 
 from benchmarks import rl_compare as bench
 from llm_jax import generate, verifiers
-from llm_jax.config import ModelConfig, OptimizerConfig, TrainConfig
 from llm_jax.data import formats
-from llm_jax.data.loader import DataConfig
 from llm_jax.data.tokenizer import ByteTokenizer
-from llm_jax.stages import ppo, runner, sft
+from llm_jax.stages import ppo
 
-TINY = ModelConfig(vocab_size=ByteTokenizer.vocab_size, d_model=32, num_layers=1, num_heads=2, d_ff=64,
-                   max_len=256)
+TESTS = pathlib.Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+import tiny_sft  # noqa: E402
+
+TINY = tiny_sft.TINY
 S = bench.Settings(steps=2, prompts=2, group_size=4, max_new_tokens=4, records=100,
                    verifier="tests.grpo_verifiers:flat_or_parity", eval_per_task=1, kl_per_task=1,
                    kl_max_new_tokens=8)
@@ -41,17 +45,7 @@ def sft_dir(tmp_path_factory):
     """A tiny model's SFT stage with the run's tokenizer beside it: 150 steps on the built-in
     instructions, whose answers are short, so that its samples end with an eos after 1 to 4
     tokens, not always at the budget (the token counts below would not tell an eos apart)."""
-    work = tmp_path_factory.mktemp("run")
-    tok = ByteTokenizer()
-    os.makedirs(work / "tokenizer")
-    tok.save(str(work / "tokenizer"))
-    mesh = bench.one_device_mesh()
-    cfg = sft.SFTConfig(optim=OptimizerConfig(lr=1e-2, warmup_steps=0),
-                        train=TrainConfig(steps=150, batch_size=8, seq_len=64, log_every=150),
-                        data=DataConfig(source="builtin:sft", size=200))
-    runner.run(str(work), sft.stage(TINY, cfg, tok, init=lambda: runner.fresh_params(TINY, mesh, 0)), mesh,
-               progress=lambda _: None)
-    return str(work / "sft")
+    return tiny_sft.sft_stage(str(tmp_path_factory.mktemp("run")), steps=150, records=200)
 
 
 @pytest.fixture(scope="module")
