@@ -31,6 +31,7 @@ under each stage, and each stage's eval.json.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import sys
@@ -212,6 +213,21 @@ def by_task(before: dict, after: dict) -> str:
     return ", ".join(f"{t} {f(before.get(t))} -> {f(v)}" for t, v in after.items())
 
 
+def trained_accuracy(by_task_before: dict, by_task_after: dict, tasks, per_task: int) -> dict:
+    """Held-out accuracy over the tasks GRPO trained on (`per_task` items each; a task with
+    no score, "n/a", is left out), before and after, and one standard error of an accuracy
+    near the before on that many items, sqrt(p (1 - p) / n): the yardstick for whether the
+    stage moved what it trained on."""
+    scored = [t for t in tasks if by_task_before.get(t) is not None and by_task_after.get(t) is not None]
+    if not scored:
+        return {"tasks": [], "items": 0, "before": None, "after": None, "standard_error": None}
+    before = sum(by_task_before[t] for t in scored) / len(scored)
+    after = sum(by_task_after[t] for t in scored) / len(scored)
+    n = per_task * len(scored)
+    return {"tasks": scored, "items": n, "before": before, "after": after,
+            "standard_error": math.sqrt(before * (1.0 - before) / n)}
+
+
 def summary(name: str, r: dict) -> str:
     """The stage's result in one line."""
     if name == "pretrain":
@@ -273,6 +289,12 @@ def write_report(workdir: str, cfg: Config, results: dict) -> None:
     sections = {"Win rates": "\n".join(text)} if text else {}
     if g:
         by = by_task(g["by_task_before"], g["by_task_after"])
+        t = trained_accuracy(g["by_task_before"], g["by_task_after"], cfg.grpo_tasks,
+                             cfg.eval.grpo_instruction_per_task)
+        on_trained = ("" if not t["tasks"] else
+                      f"\n- on the tasks it trained on ({', '.join(t['tasks'])}; {t['items']} items): "
+                      f"{t['before']:.3f} -> {t['after']:.3f}, {t['after'] - t['before']:+.3f}; one standard "
+                      f"error of an accuracy near SFT's on {t['items']} items is {t['standard_error']:.3f}.")
         sections["GRPO"] = (
             f"- held-out instruction accuracy {g['instruction_accuracy_before']:.3f} (SFT) -> "
             f"{g['instruction_accuracy_after']:.3f} (greedy, {cfg.eval.grpo_instruction_per_task} per task); by "
@@ -280,7 +302,7 @@ def write_report(workdir: str, cfg: Config, results: dict) -> None:
             f"rewards, {cfg.grpo.algorithm}, {g['steps']} steps of {cfg.grpo.prompts} prompts x "
             f"{cfg.grpo.group_size} samples.\n- KL to SFT {g['kl_to_base']:.2f} nats per response (sampled "
             f"answers to {cfg.eval.instruction_per_task} held-out instructions per task); sampled accuracy "
-            f"{g['sampled_accuracy_sft']:.3f} (SFT) -> {g['sampled_accuracy']:.3f}.")
+            f"{g['sampled_accuracy_sft']:.3f} (SFT) -> {g['sampled_accuracy']:.3f}." + on_trained)
     # Stage names, which plot_curves takes inside workdir: joining them with a relative
     # workdir (runs/demo, the README's) would be joined again and find no metrics.
     curves = report.plot_curves(workdir, ["pretrain", "sft", "rm", "ppo", "dpo", "grpo"])

@@ -18,7 +18,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # measured on the 2-core dev machine under a load average of 4 to 6.
 SLOW_MODULES = {
     "test_multiprocess",  # 2 JAX processes over gloo, SIGKILL and rerun
-    "test_experiment_pipeline",  # the main job end to end, every stage
     "test_experiment_gpt2_pretrain", "test_experiment_bert_mlm",  # experiments on TFDS mock data
     "test_experiment_llama_sft_dpo", "test_experiment_pretrain",  # experiments end to end
     "test_experiment_classify", "test_experiment_grpo",
@@ -36,6 +35,7 @@ SLOW_MODULES = {
 }
 # Single tests of otherwise fast modules.
 SLOW_TESTS = (
+    "test_experiment_pipeline.py::test_pipeline_smoke",  # the main job end to end, every stage
     # Training runs that assert learning (a jitted loop of 8 to 250 steps; 4-11 s each).
     "test_stage_classify.py::test_short_training_beats_chance_on_heldout",
     "test_stage_reward.py::test_training_on_builtin_preferences_beats_chance_on_held_out_pairs",

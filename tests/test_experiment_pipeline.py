@@ -93,6 +93,7 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     for stage in ("pretrain", "sft", "rm", "ppo", "dpo", "grpo"):
         assert f"| {stage} |" in report, stage
     assert "## GRPO" in report and "KL to SFT" in report
+    assert "- on the tasks it trained on (add, copy, sort; 3 items): 0.000 -> " in report
     for png in ("loss.png", "ppo.png", "dpo.png", "grpo.png"):
         assert os.path.exists(os.path.join(workdir, png)) and f"]({png})" in report, png
     capsys.readouterr()
@@ -100,3 +101,21 @@ def test_pipeline_smoke(tmp_path, capsys, monkeypatch):
     assert pipeline.main(argv) == 0
     out = capsys.readouterr().out
     assert "already finished" in out and "step " not in out.replace("steps", "")
+
+
+def test_trained_accuracy_is_the_mean_over_the_trained_tasks_with_its_standard_error():
+    before = {"add": 0.25, "copy": 0.5, "sort": 0.75, "format": 1.0, "square": 0.0}
+    after = {"add": 0.5, "copy": 0.75, "sort": 0.75, "format": 0.5, "square": 0.0}
+    t = pipeline.trained_accuracy(before, after, ("add", "copy", "sort"), 64)
+    assert t["tasks"] == ["add", "copy", "sort"] and t["items"] == 192
+    assert t["before"] == 0.5 and abs(t["after"] - 2 / 3) < 1e-12  # format's fall is not a trained task's
+    assert abs(t["standard_error"] - (0.5 * 0.5 / 192) ** 0.5) < 1e-12  # 0.0361
+
+
+def test_trained_accuracy_leaves_out_a_task_without_a_score():
+    # "n/a": no held-out item of the task fit the model (by_task holds None)
+    t = pipeline.trained_accuracy({"add": None, "copy": 0.5, "sort": 1.0}, {"add": 0.1, "copy": 1.0, "sort": 1.0},
+                                  ("add", "copy", "sort"), 10)
+    assert t["tasks"] == ["copy", "sort"] and t["items"] == 20 and t["before"] == 0.75 and t["after"] == 1.0
+    empty = pipeline.trained_accuracy({"add": None}, {"add": None}, ("add",), 10)
+    assert empty["tasks"] == [] and empty["items"] == 0 and empty["before"] is None
