@@ -90,7 +90,7 @@ def measure(sft_dir: str, workdir: str, s: Settings, progress=print) -> dict:
 
     path = os.path.normpath(sft_dir)
     run_dir, name = os.path.dirname(path) or ".", os.path.basename(path)
-    model_cfg, _, tok, _ = generate.load_stage(run_dir, name)
+    model_cfg, start, tok, _ = generate.load_stage(run_dir, name)
     mesh = sharding.make_mesh(MeshConfig())
     like = runner.model_like(model_cfg, mesh)
 
@@ -99,7 +99,7 @@ def measure(sft_dir: str, workdir: str, s: Settings, progress=print) -> dict:
                                          seed=s.eval_seed)
         return {"accuracy": acc["accuracy"], "by_task": acc["by_task"]}
 
-    out = {"start": judge(runner.stage_params(run_dir, name, like)), "runs": {}}
+    out = {"start": judge(start), "runs": {}}
     base = pipeline.Config().sft
     for n in s.steps:
         progress(f"sft on {s.task}: {n} steps")
